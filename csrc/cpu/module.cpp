@@ -1,0 +1,18 @@
+// The Python module flashgen._C. Kernels register themselves with TORCH_LIBRARY_IMPL(flashgen, CPU, m)
+// in their own files; this file only makes the shared library importable and reports CPU features.
+#include <omp.h>
+#include <torch/extension.h>
+
+#include "cpu/cpu_features.h"
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.doc() = "flashgen CPU kernels (registered as flashgen::* ops for the CPU dispatch key)";
+  m.def("cpu_features", [] {
+    using namespace flashgen::cpu;
+    return std::map<std::string, bool>{{"avx2", has_avx2()},
+                                       {"avx512", has_avx512()},
+                                       {"avx512_vnni", has_avx512_vnni()},
+                                       {"avx512_bf16", has_avx512_bf16()}};
+  });
+  m.def("omp_max_threads", [] { return omp_get_max_threads(); });
+}

@@ -1,0 +1,3 @@
+from flashgen.engine.cli import main
+
+raise SystemExit(main())

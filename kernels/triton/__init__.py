@@ -1,0 +1,25 @@
+"""Triton kernels: one file per op family, each holding its kernels, launch wrappers and two hooks:
+
+- `register()` makes the family's launch wrappers the CUDA kernels of its flashgen ops;
+- `aot_specs()` lists every kernel variant (each autotune config) for the static GPU check
+  (benchmarks/gpu_static.py), which AOT-compiles them for sm_80/sm_90 without a GPU.
+
+Under TRITON_INTERPRET=1 the same launch wrappers run on CPU tensors: that is how tests check them here.
+"""
+import importlib
+import pkgutil
+
+from .._backend import triton_available
+
+
+def families():
+    """The Triton op-family modules (every module in this package not starting with '_')."""
+    if not triton_available():
+        return []
+    return [importlib.import_module(f"{__name__}.{m.name}") for m in pkgutil.iter_modules(__path__)
+            if not m.name.startswith("_")]
+
+
+def register():
+    for module in families():
+        module.register()
