@@ -16,4 +16,5 @@ def _fresh_seed():
     # Fresh random inputs on every run, but reproducible from the printed seed when a test fails.
     seed = int.from_bytes(os.urandom(4), "little")
     torch.manual_seed(seed)
+    print(f"torch.manual_seed({seed})")  # captured; pytest shows it for a failing test
     yield seed
