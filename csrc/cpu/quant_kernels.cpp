@@ -1,0 +1,260 @@
+// Quantized GEMM kernels over the prepacked tiles of quant.h: int8 activations x int4 / int8 weights.
+//
+// One call of a tile kernel computes a 16-column slice of R <= 4 output rows: for each block of 32 features
+// it forms the 16 integer dot products of the R activation rows with the tile's 16 weight rows (int32), then
+// scales them into float32 accumulators:
+//   int4: y[r, n] = sum_groups s[n, i] * sum_{b in i} d[r, b] * dot_b(a[r], q[n]) + m[n, i] * xsum[r, i]
+//   int8: y[r, n] = sum_b sw[n, b] * d[r, b] * dot_b(a[r], q[n])   (whole_row: sw[n] * d[r] * sum_b dot_b)
+// The weights of a tile-block are unpacked once and reused by the R rows (the blocked GEMM for large M);
+// at::parallel_for (OpenMP, torch's thread count) splits the tiles (output features) between threads.
+#include <ATen/Parallel.h>
+#include <immintrin.h>
+
+#include <algorithm>
+#include <cstring>
+#include <type_traits>
+
+#include "cpu/cpu_features.h"
+#include "cpu/quant.h"
+
+// GCC 12 reports the AVX-512 intrinsics' internal undefined vectors as maybe-uninitialized (a false positive).
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+
+namespace flashgen::cpu::quant {
+namespace {
+
+constexpr int kMaxRows = 4;      // activation rows per tile step (register budget of the AVX2 path)
+constexpr int64_t kRowChunk = 64;  // rows whose int8 activations stay in L2 while all tiles stream past
+constexpr int64_t kMinTask = int64_t{1} << 18;  // multiply-adds per thread task (smaller work stays on one thread)
+
+inline int32_t load4(const int8_t* p) {
+  int32_t v;
+  std::memcpy(&v, p, 4);
+  return v;
+}
+
+// ---------------------------------------------------------------- AVX-512 VNNI
+template <int R>
+FLASHGEN_AVX512_VNNI void int4_tile_vnni(const QuantActs& x, const uint8_t* w, const float* sc, const float* of,
+                                         int64_t kb, int64_t bpg, float* out) {
+  const __m512i low = _mm512_set1_epi8(0x0F);
+  __m512 acc[R];
+  for (int r = 0; r < R; ++r) acc[r] = _mm512_setzero_ps();
+  for (int64_t gi = 0; gi < kb / bpg; ++gi) {
+    __m512 gacc[R];
+    for (int r = 0; r < R; ++r) gacc[r] = _mm512_setzero_ps();
+    for (int64_t b = gi * bpg; b < (gi + 1) * bpg; ++b) {
+      const uint8_t* wb = w + b * kInt4TileBytes;
+      __m512i iacc[R];
+      for (int r = 0; r < R; ++r) iacc[r] = _mm512_setzero_si512();
+      for (int v = 0; v < 4; ++v) {
+        const __m512i q = _mm512_loadu_si512(wb + v * 64);
+        const __m512i lo = _mm512_and_si512(q, low);
+        const __m512i hi = _mm512_and_si512(_mm512_srli_epi16(q, 4), low);
+        for (int r = 0; r < R; ++r) {
+          const int8_t* a = x.a + r * x.a_stride + b * kBlock + v * 8;
+          iacc[r] = _mm512_dpbusd_epi32(iacc[r], lo, _mm512_set1_epi32(load4(a)));
+          iacc[r] = _mm512_dpbusd_epi32(iacc[r], hi, _mm512_set1_epi32(load4(a + 4)));
+        }
+      }
+      for (int r = 0; r < R; ++r)
+        gacc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(iacc[r]), _mm512_set1_ps(x.d[r * x.d_stride + b]), gacc[r]);
+    }
+    const __m512 s = _mm512_loadu_ps(sc + gi * kTileRows);
+    const __m512 m = _mm512_loadu_ps(of + gi * kTileRows);
+    for (int r = 0; r < R; ++r) {
+      acc[r] = _mm512_fmadd_ps(gacc[r], s, acc[r]);
+      acc[r] = _mm512_fmadd_ps(m, _mm512_set1_ps(x.xsum[r * x.xsum_stride + gi]), acc[r]);
+    }
+  }
+  for (int r = 0; r < R; ++r) _mm512_storeu_ps(out + r * kTileRows, acc[r]);
+}
+
+// VNNI multiplies unsigned by signed bytes: the activations go in as a + 128 (flip the sign bit) and the
+// block's precomputed weight row sums take the 128 * sum(w) back out.
+template <int R>
+FLASHGEN_AVX512_VNNI void int8_tile_vnni(const QuantActs& x, const int8_t* w, const float* sc, int64_t sblocks,
+                                         int64_t kb, bool whole_row, float* out) {
+  const __m512i flip = _mm512_set1_epi32(static_cast<int32_t>(0x80808080u));
+  __m512 acc[R];
+  __m512i iacc[R];
+  for (int r = 0; r < R; ++r) acc[r] = _mm512_setzero_ps(), iacc[r] = _mm512_setzero_si512();
+  for (int64_t b = 0; b < kb; ++b) {
+    const int8_t* wb = w + b * kInt8TileBytes;
+    for (int v = 0; v < 8; ++v) {
+      const __m512i q = _mm512_loadu_si512(wb + v * 64);
+      for (int r = 0; r < R; ++r) {
+        const __m512i a = _mm512_xor_si512(_mm512_set1_epi32(load4(x.a + r * x.a_stride + b * kBlock + v * 4)), flip);
+        iacc[r] = _mm512_dpbusd_epi32(iacc[r], a, q);
+      }
+    }
+    const __m512i bias128 = _mm512_slli_epi32(_mm512_loadu_si512(wb + kInt8CodeBytes), 7);
+    for (int r = 0; r < R; ++r) iacc[r] = _mm512_sub_epi32(iacc[r], bias128);
+    if (!whole_row) {
+      const __m512 s = _mm512_loadu_ps(sc + (sblocks == 1 ? 0 : b) * kTileRows);
+      for (int r = 0; r < R; ++r) {
+        acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(iacc[r]), _mm512_mul_ps(s, _mm512_set1_ps(x.d[r * x.d_stride + b])),
+                                 acc[r]);
+        iacc[r] = _mm512_setzero_si512();
+      }
+    }
+  }
+  if (whole_row) {
+    const __m512 s = _mm512_loadu_ps(sc);
+    for (int r = 0; r < R; ++r)
+      acc[r] = _mm512_mul_ps(_mm512_cvtepi32_ps(iacc[r]), _mm512_mul_ps(s, _mm512_set1_ps(x.d[r * x.d_stride])));
+  }
+  for (int r = 0; r < R; ++r) _mm512_storeu_ps(out + r * kTileRows, acc[r]);
+}
+
+// ---------------------------------------------------------------- AVX2 (each 256-bit half: 8 rows)
+inline __m256i bcast4(const int8_t* p) { return _mm256_set1_epi32(load4(p)); }
+
+template <int R>
+void int4_tile_avx2(const QuantActs& x, const uint8_t* w, const float* sc, const float* of, int64_t kb, int64_t bpg,
+                    float* out) {
+  const __m256i low = _mm256_set1_epi8(0x0F), ones = _mm256_set1_epi16(1);
+  for (int h = 0; h < 2; ++h) {
+    __m256 acc[R];
+    for (int r = 0; r < R; ++r) acc[r] = _mm256_setzero_ps();
+    for (int64_t gi = 0; gi < kb / bpg; ++gi) {
+      __m256 gacc[R];
+      for (int r = 0; r < R; ++r) gacc[r] = _mm256_setzero_ps();
+      for (int64_t b = gi * bpg; b < (gi + 1) * bpg; ++b) {
+        const uint8_t* wb = w + b * kInt4TileBytes + h * 32;
+        // |15 * 127 * 2| per maddubs lane, 8 of them summed: 30480 < 32767, so int16 partial sums are exact.
+        __m256i s16[R];
+        for (int r = 0; r < R; ++r) s16[r] = _mm256_setzero_si256();
+        for (int v = 0; v < 4; ++v) {
+          const __m256i q = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wb + v * 64));
+          const __m256i lo = _mm256_and_si256(q, low);
+          const __m256i hi = _mm256_and_si256(_mm256_srli_epi16(q, 4), low);
+          for (int r = 0; r < R; ++r) {
+            const int8_t* a = x.a + r * x.a_stride + b * kBlock + v * 8;
+            s16[r] = _mm256_add_epi16(s16[r], _mm256_maddubs_epi16(lo, bcast4(a)));
+            s16[r] = _mm256_add_epi16(s16[r], _mm256_maddubs_epi16(hi, bcast4(a + 4)));
+          }
+        }
+        for (int r = 0; r < R; ++r)
+          gacc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_madd_epi16(s16[r], ones)),
+                                    _mm256_set1_ps(x.d[r * x.d_stride + b]), gacc[r]);
+      }
+      const __m256 s = _mm256_loadu_ps(sc + gi * kTileRows + h * 8);
+      const __m256 m = _mm256_loadu_ps(of + gi * kTileRows + h * 8);
+      for (int r = 0; r < R; ++r) {
+        acc[r] = _mm256_fmadd_ps(gacc[r], s, acc[r]);
+        acc[r] = _mm256_fmadd_ps(m, _mm256_set1_ps(x.xsum[r * x.xsum_stride + gi]), acc[r]);
+      }
+    }
+    for (int r = 0; r < R; ++r) _mm256_storeu_ps(out + r * kTileRows + h * 8, acc[r]);
+  }
+}
+
+// maddubs is unsigned x signed with int16 saturation: |w| x sign(a, w) keeps every pair sum within
+// 2 * 128 * 127 = 32512, so it is exact for any int8 weight (and activations in [-127, 127]).
+template <int R>
+void int8_tile_avx2(const QuantActs& x, const int8_t* w, const float* sc, int64_t sblocks, int64_t kb, bool whole_row,
+                    float* out) {
+  const __m256i ones = _mm256_set1_epi16(1);
+  for (int h = 0; h < 2; ++h) {
+    __m256 acc[R];
+    __m256i iacc[R];
+    for (int r = 0; r < R; ++r) acc[r] = _mm256_setzero_ps(), iacc[r] = _mm256_setzero_si256();
+    for (int64_t b = 0; b < kb; ++b) {
+      const int8_t* wb = w + b * kInt8TileBytes + h * 32;
+      for (int v = 0; v < 8; ++v) {
+        const __m256i q = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wb + v * 64));
+        const __m256i aq = _mm256_abs_epi8(q);
+        for (int r = 0; r < R; ++r) {
+          const __m256i a = _mm256_sign_epi8(bcast4(x.a + r * x.a_stride + b * kBlock + v * 4), q);
+          iacc[r] = _mm256_add_epi32(iacc[r], _mm256_madd_epi16(_mm256_maddubs_epi16(aq, a), ones));
+        }
+      }
+      if (!whole_row) {
+        const __m256 s = _mm256_loadu_ps(sc + (sblocks == 1 ? 0 : b) * kTileRows + h * 8);
+        for (int r = 0; r < R; ++r) {
+          acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(iacc[r]), _mm256_mul_ps(s, _mm256_set1_ps(x.d[r * x.d_stride + b])),
+                                   acc[r]);
+          iacc[r] = _mm256_setzero_si256();
+        }
+      }
+    }
+    if (whole_row) {
+      const __m256 s = _mm256_loadu_ps(sc + h * 8);
+      for (int r = 0; r < R; ++r)
+        acc[r] = _mm256_mul_ps(_mm256_cvtepi32_ps(iacc[r]), _mm256_mul_ps(s, _mm256_set1_ps(x.d[r * x.d_stride])));
+    }
+    for (int r = 0; r < R; ++r) _mm256_storeu_ps(out + r * kTileRows + h * 8, acc[r]);
+  }
+}
+
+// ---------------------------------------------------------------- drivers
+template <class F>
+void with_rows(int rows, F&& f) {
+  switch (rows) {
+    case 1: return f(std::integral_constant<int, 1>{});
+    case 2: return f(std::integral_constant<int, 2>{});
+    case 3: return f(std::integral_constant<int, 3>{});
+    default: return f(std::integral_constant<int, 4>{});
+  }
+}
+
+QuantActs offset(const QuantActs& x, int64_t row) {
+  QuantActs y = x;
+  y.a += row * x.a_stride;
+  y.d += row * x.d_stride;
+  if (x.xsum) y.xsum += row * x.xsum_stride;
+  return y;
+}
+
+// For each chunk of rows, the threads split the tiles; tile(t, x_rows, R, out16) fills out16 (R x 16).
+template <class Tile>
+void run_tiles(const QuantActs& x, int64_t m, int64_t n, int64_t kb, float* out, Tile&& tile) {
+  const int64_t nt = tiles(n);
+  for (int64_t m0 = 0; m0 < m; m0 += kRowChunk) {
+    const int64_t m1 = std::min(m, m0 + kRowChunk);
+    const int64_t grain = std::max<int64_t>(1, kMinTask / ((m1 - m0) * kTileRows * kb * kBlock));
+    at::parallel_for(0, nt, grain, [&](int64_t t0, int64_t t1) {
+      alignas(64) float buf[kMaxRows * kTileRows];
+      for (int64_t t = t0; t < t1; ++t) {
+        const int64_t cols = std::min(kTileRows, n - t * kTileRows);
+        for (int64_t r0 = m0; r0 < m1; r0 += kMaxRows) {
+          const int rows = static_cast<int>(std::min<int64_t>(kMaxRows, m1 - r0));
+          with_rows(rows, [&](auto R) { tile(t, offset(x, r0), R, buf); });
+          for (int r = 0; r < rows; ++r)
+            std::memcpy(out + (r0 + r) * n + t * kTileRows, buf + r * kTileRows, cols * sizeof(float));
+        }
+      }
+    });
+  }
+}
+
+}  // namespace
+
+void int4_gemm(const QuantActs& x, int64_t m, const uint8_t* w, const float* scales, const float* offsets, int64_t n,
+               int64_t kb, int64_t bpg, float* out, bool vnni) {
+  const int64_t groups = kb / bpg;
+  run_tiles(x, m, n, kb, out, [&](int64_t t, const QuantActs& xr, auto R, float* buf) {
+    const uint8_t* wt = w + t * kb * kInt4TileBytes;
+    const float* st = scales + t * groups * kTileRows;
+    const float* ot = offsets + t * groups * kTileRows;
+    if (vnni)
+      int4_tile_vnni<decltype(R)::value>(xr, wt, st, ot, kb, bpg, buf);
+    else
+      int4_tile_avx2<decltype(R)::value>(xr, wt, st, ot, kb, bpg, buf);
+  });
+}
+
+void int8_gemm(const QuantActs& x, int64_t m, const int8_t* w, const float* scales, int64_t sblocks, int64_t n,
+               int64_t kb, bool whole_row, float* out, bool vnni) {
+  run_tiles(x, m, n, kb, out, [&](int64_t t, const QuantActs& xr, auto R, float* buf) {
+    const int8_t* wt = w + t * kb * kInt8TileBytes;
+    const float* st = scales + t * sblocks * kTileRows;
+    if (vnni)
+      int8_tile_vnni<decltype(R)::value>(xr, wt, st, sblocks, kb, whole_row, buf);
+    else
+      int8_tile_avx2<decltype(R)::value>(xr, wt, st, sblocks, kb, whole_row, buf);
+  });
+}
+
+}  // namespace flashgen::cpu::quant

@@ -1,0 +1,193 @@
+// flashgen::int4_linear / int8_linear / int8_linear_dynamic for CPU tensors (weights prepacked, see quant.h).
+//
+// What they compute, y (..., N) = x (..., K) W^T + bias, with x taken to float32 first:
+// - int4_linear, int8_linear (weight-only): x is quantized to int8 per block of 32 features like llama.cpp's
+//   Q8_0 activations (d = max|x_b| / 127, a = round(x * 127 / max|x_b|)); the kernel computes the exact
+//   integer products per block and scales them in float32, i.e. y = x' W^T with x' = d * a the rounded
+//   activations (the int4 offset term m * sum(x' over the group) uses x' too, so the error scales with W,
+//   not with W - m). The only error beyond float32 rounding is that of the activation rounding:
+//   |y - x W^T| <= sum_k |W[n, k]| d_{b(k)} / 2.
+// - int8_linear_dynamic (W8A8): x is quantized per row (d = max|x| / 127, the same float32 operations as
+//   reference.quantize_rows_int8, so the codes are identical) and the row's products accumulate in int32;
+//   with per-block weight scales each block's int32 sum is scaled and accumulated in float32.
+// The result is returned in x's dtype. Threads: OpenMP over output features (tiles of 16).
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdlib>
+#include <cstring>
+#include <optional>
+
+#include "cpu/cpu_features.h"
+#include "cpu/quant.h"
+
+namespace flashgen::cpu::quant {
+namespace {
+
+// FLASHGEN_QUANT_ISA=avx2 forces the AVX2 kernels on an AVX-512 machine (tests cover both paths).
+bool use_vnni() {
+  const char* isa = std::getenv("FLASHGEN_QUANT_ISA");
+  return has_avx512_vnni() && !(isa && std::strcmp(isa, "avx2") == 0);
+}
+
+// Largest K whose whole-row int32 sum cannot overflow: |a w| <= 127 * 128 per product.
+constexpr int64_t kMaxWholeRowK = (int64_t{1} << 31) / (127 * 128) - kBlock;
+
+void quantize_span(const float* x, int64_t len, int8_t* a, float* d) {
+  float amax = 0.f;
+  for (int64_t i = 0; i < len; ++i) amax = std::max(amax, std::fabs(x[i]));
+  const float inv = amax > 0.f ? 127.f / amax : 0.f;
+  for (int64_t i = 0; i < len; ++i) a[i] = static_cast<int8_t>(std::nearbyint(x[i] * inv));
+  *d = amax / 127.f;
+}
+
+// Per-row buffers of quantized activations; `per_row` quantizes each row with one scale (W8A8), copied
+// to every block; otherwise one scale per block of 32. `group` > 0 also fills the int4 group sums of d * a.
+struct ActBuffers {
+  at::Tensor a, d, xsum;
+  QuantActs view;
+};
+
+ActBuffers quantize_acts(const at::Tensor& x, int64_t kb, int64_t d_cols, bool per_row, int64_t group) {
+  const int64_t m = x.size(0), k = x.size(1);
+  ActBuffers buf;
+  buf.a = at::zeros({m, kb * kBlock}, x.options().dtype(at::kChar));
+  buf.d = at::empty({m, d_cols}, x.options());
+  buf.xsum = at::empty({m, group > 0 ? k / group : 0}, x.options());
+  const float* xp = x.data_ptr<float>();
+  int8_t* ap = buf.a.data_ptr<int8_t>();
+  float* dp = buf.d.data_ptr<float>();
+  float* sp = buf.xsum.data_ptr<float>();
+  at::parallel_for(0, m, std::max<int64_t>(1, (int64_t{1} << 16) / k), [&](int64_t r0, int64_t r1) {
+    for (int64_t r = r0; r < r1; ++r) {
+      const float* xr = xp + r * k;
+      int8_t* ar = ap + r * kb * kBlock;
+      float* dr = dp + r * d_cols;
+      if (per_row) {
+        quantize_span(xr, k, ar, dr);
+        std::fill(dr + 1, dr + d_cols, dr[0]);
+      } else {
+        for (int64_t b = 0; b < kb; ++b)
+          quantize_span(xr + b * kBlock, std::min(kBlock, k - b * kBlock), ar + b * kBlock, dr + b);
+      }
+      // sum of the quantized activations over each weight group (see the file comment)
+      for (int64_t i = 0; group > 0 && i < k / group; ++i) {
+        double s = 0;
+        for (int64_t b = i * group / kBlock; b < (i + 1) * group / kBlock; ++b) {
+          int32_t sa = 0;
+          for (int64_t j = 0; j < kBlock; ++j) sa += ar[b * kBlock + j];
+          s += static_cast<double>(dr[b]) * sa;
+        }
+        sp[r * (k / group) + i] = static_cast<float>(s);
+      }
+    }
+  });
+  buf.view = {ap, dp, sp, kb * kBlock, d_cols, k / std::max<int64_t>(group, 1)};
+  return buf;
+}
+
+void check_x(const at::Tensor& x, const char* op) {
+  TORCH_CHECK(x.device().is_cpu(), op, ": x must be a CPU tensor, got ", x.device());
+  TORCH_CHECK(x.dim() >= 1, op, ": x must have at least 1 dimension (..., in_features)");
+  TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kBFloat16 || x.scalar_type() == at::kHalf,
+              op, ": x must be float32, bfloat16 or float16, got ", x.scalar_type());
+}
+
+void check_packed(const at::Tensor& t, const char* op, const char* name, at::ScalarType dtype,
+                  std::initializer_list<int64_t> shape) {
+  TORCH_CHECK(t.device().is_cpu(), op, ": ", name, " must be a CPU tensor, got ", t.device());
+  TORCH_CHECK(t.scalar_type() == dtype, op, ": ", name, " must be ", dtype, " (prepacked by the CPU prepack op), got ",
+              t.scalar_type());
+  TORCH_CHECK(t.sizes().equals(shape), op, ": ", name, " must have the CPU prepacked shape ", at::IntArrayRef(shape),
+              ", got ", t.sizes(), " (was it prepacked for this device with the same in/out features?)");
+  TORCH_CHECK(t.is_contiguous(), op, ": ", name, " must be contiguous");
+}
+
+at::Tensor finish(at::Tensor y, const at::Tensor& x, const std::optional<at::Tensor>& bias, int64_t n,
+                  const char* op) {
+  if (bias.has_value()) {
+    TORCH_CHECK(bias->device().is_cpu() && bias->dim() == 1 && bias->size(0) == n && bias->is_floating_point(), op,
+                ": bias must be a 1-D floating CPU tensor of out_features = ", n, " elements, got ", bias->sizes(),
+                " ", bias->scalar_type(), " on ", bias->device());
+    y.add_(bias->to(at::kFloat));
+  }
+  auto shape = x.sizes().vec();
+  shape.back() = n;
+  return y.view(shape).to(x.scalar_type());
+}
+
+at::Tensor flat_float(const at::Tensor& x) { return x.reshape({-1, x.size(-1)}).to(at::kFloat).contiguous(); }
+
+at::Tensor int4_linear_cpu(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& scales,
+                           const at::Tensor& offsets, int64_t group_size, int64_t out_features,
+                           const std::optional<at::Tensor>& bias) {
+  const char* op = "flashgen::int4_linear";
+  check_x(x, op);
+  TORCH_CHECK(group_size == 32 || group_size == 64 || group_size == 128, op,
+              ": group_size must be 32, 64 or 128, got ", group_size);
+  const int64_t k = x.size(-1), n = out_features;
+  TORCH_CHECK(n > 0, op, ": out_features must be positive, got ", n);
+  TORCH_CHECK(k > 0 && k % group_size == 0, op, ": in_features (x.size(-1) = ", k,
+              ") must be a positive multiple of group_size ", group_size);
+  const int64_t kb = k / kBlock, groups = k / group_size;
+  check_packed(qweight, op, "qweight", at::kByte, {tiles(n), kb, kInt4TileBytes});
+  check_packed(scales, op, "scales", at::kFloat, {tiles(n), groups, kTileRows});
+  check_packed(offsets, op, "offsets", at::kFloat, {tiles(n), groups, kTileRows});
+  const at::Tensor xf = flat_float(x);
+  const int64_t m = xf.size(0);
+  at::Tensor y = at::empty({m, n}, xf.options());
+  if (m > 0) {
+    ActBuffers acts = quantize_acts(xf, kb, kb, false, group_size);
+    int4_gemm(acts.view, m, qweight.data_ptr<uint8_t>(), scales.data_ptr<float>(), offsets.data_ptr<float>(), n, kb,
+              group_size / kBlock, y.data_ptr<float>(), use_vnni());
+  }
+  return finish(y, x, bias, n, op);
+}
+
+at::Tensor int8_linear_impl(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& scales,
+                            int64_t out_features, const std::optional<at::Tensor>& bias, bool dynamic, const char* op) {
+  check_x(x, op);
+  const int64_t k = x.size(-1), n = out_features, kb = blocks(k);
+  TORCH_CHECK(n > 0 && k > 0, op, ": in_features (x.size(-1) = ", k, ") and out_features (", n,
+              ") must be positive");
+  check_packed(qweight, op, "qweight", at::kChar, {tiles(n), kb, kInt8TileBytes});
+  TORCH_CHECK(scales.dim() == 3 && (scales.size(1) == 1 || scales.size(1) == kb), op,
+              ": scales must be (tiles, 1 or in_features/32, 16) as prepacked, got ", scales.sizes());
+  const int64_t sblocks = scales.size(1);
+  TORCH_CHECK(sblocks == 1 || k % kBlock == 0, op, ": per-block scales need in_features (", k,
+              ") to be a multiple of 32");
+  check_packed(scales, op, "scales", at::kFloat, {tiles(n), sblocks, kTileRows});
+  const at::Tensor xf = flat_float(x);
+  const int64_t m = xf.size(0);
+  at::Tensor y = at::empty({m, n}, xf.options());
+  if (m > 0) {
+    const bool whole_row = dynamic && sblocks == 1 && k <= kMaxWholeRowK;
+    ActBuffers acts = quantize_acts(xf, kb, whole_row ? 1 : kb, dynamic, 0);
+    int8_gemm(acts.view, m, qweight.data_ptr<int8_t>(), scales.data_ptr<float>(), sblocks, n, kb, whole_row,
+              y.data_ptr<float>(), use_vnni());
+  }
+  return finish(y, x, bias, n, op);
+}
+
+at::Tensor int8_linear_cpu(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& scales,
+                           int64_t out_features, const std::optional<at::Tensor>& bias) {
+  return int8_linear_impl(x, qweight, scales, out_features, bias, false, "flashgen::int8_linear");
+}
+
+at::Tensor int8_linear_dynamic_cpu(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& scales,
+                                   int64_t out_features, const std::optional<at::Tensor>& bias) {
+  return int8_linear_impl(x, qweight, scales, out_features, bias, true, "flashgen::int8_linear_dynamic");
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(flashgen, CPU, m) {
+  m.impl("int4_linear", &int4_linear_cpu);
+  m.impl("int8_linear", &int8_linear_cpu);
+  m.impl("int8_linear_dynamic", &int8_linear_dynamic_cpu);
+}
+
+}  // namespace flashgen::cpu::quant

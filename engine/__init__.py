@@ -1,0 +1,1 @@
+"""flashgen.engine: checkpoints (HF folders, GGUF files) -> one decoder with a static KV cache; generation."""

@@ -1,0 +1,346 @@
+"""Checkpoints -> Transformer: Hugging Face safetensors folders and GGUF files.
+
+Every checkpoint tensor is mapped to our parameter names (engine/model.py), fused where the model fuses
+(q|k|v -> wqkv, gate|up -> w_in), transposed where GPT-2's Conv1D stores (in, out), and un-permuted where
+llama.cpp reordered the rows of Q and K for its interleaved rope. Float weights may be quantized on load
+(int8 per channel, int4 per group); GGUF Q4_0 / Q4_1 / Q8_0 stay in their native int4 / int8 form.
+"""
+import json
+import logging
+import os
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+from tqdm import tqdm
+
+from flashgen.kernels.qlinear import QuantizedLinear
+from flashgen.kernels.quant import QuantizedWeight, quantize_int4, quantize_int8
+
+from .config import ModelConfig
+from .gguf import CheckpointError, GGUFFile
+from .model import Transformer, rope_inv_freq
+from .tokenizer import gguf_tokenizer, load_hf_tokenizer
+
+log = logging.getLogger("flashgen")
+QUANT_MODES = (None, "none", "int8", "int4")
+_LINEARS = ("attn.wqkv", "attn.wo", "mlp.w_in", "mlp.w_out")
+
+
+@dataclass
+class LoadedModel:
+    model: Transformer
+    config: ModelConfig
+    tokenizer: object
+    generation_config: dict = field(default_factory=dict)
+
+
+def load_model(path, device="cpu", dtype=None, quant=None, group_size=32, max_seq_len=None, max_batch_size=1):
+    """Load a Hugging Face folder or a .gguf file into a Transformer with a KV cache.
+
+    dtype: activation / float-weight dtype (default float32 on CPU, bfloat16 on CUDA).
+    quant: None keeps the checkpoint's format (GGUF Q4_0/Q4_1/Q8_0 native, float stays float); "none"
+        dequantizes everything to float; "int8" / "int4" quantize the float linears (group_size for int4).
+    max_seq_len: KV cache length (default min(context length, 4096)).
+    """
+    if quant not in QUANT_MODES:
+        raise ValueError(f"quant must be one of {QUANT_MODES}, got {quant!r}")
+    device = torch.device(device)
+    dtype = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
+    path = str(path)
+    if os.path.isdir(path):
+        config, tensors, tokenizer, gen = _read_hf(path, dtype)
+    elif os.path.isfile(path):
+        config, tensors, tokenizer, gen = _read_gguf(path, dtype, native=quant != "none")
+    else:
+        raise FileNotFoundError(f"{path}: no such file or directory (expected a Hugging Face folder or a .gguf file)")
+    model = _build(config, tensors, device, dtype, quant, group_size)
+    max_seq_len = max_seq_len or min(config.max_position_embeddings, 4096)
+    model.setup_cache(max_batch_size, max_seq_len)
+    tokenizer.eos_token_ids |= set(config.eos_token_ids)
+    return LoadedModel(model, config, tokenizer, gen)
+
+
+# ------------------------------------------------------------------ Hugging Face folders
+class _SafetensorsFolder:
+    """The tensors of model.safetensors or of the shards listed in model.safetensors.index.json, memory-mapped."""
+
+    def __init__(self, folder):
+        from safetensors import safe_open
+
+        index_path = os.path.join(folder, "model.safetensors.index.json")
+        if os.path.exists(index_path):
+            with open(index_path) as f:
+                weight_map = json.load(f).get("weight_map")
+            if not isinstance(weight_map, dict):
+                raise CheckpointError(f"{index_path}: no 'weight_map' object")
+            files = sorted(set(weight_map.values()))
+        else:
+            files = sorted(n for n in os.listdir(folder) if n.endswith(".safetensors"))
+            if not files:
+                raise FileNotFoundError(f"{folder}: no *.safetensors weights (pickled .bin checkpoints are refused)")
+        self.handles, self.where = {}, {}
+        for name in files:
+            file_path = os.path.join(folder, name)
+            if not os.path.isfile(file_path):
+                raise FileNotFoundError(f"{file_path}: missing (listed in {index_path})")
+            try:
+                handle = safe_open(file_path, framework="pt")
+                for key in handle.keys():
+                    self.where[key] = file_path
+            except Exception as e:  # safetensors raises its own SafetensorError for malformed headers
+                raise CheckpointError(f"{file_path}: not a valid safetensors file ({e})") from e
+            self.handles[file_path] = handle
+        self.folder = folder
+
+    def __contains__(self, name):
+        return name in self.where
+
+    def get(self, name):
+        if name not in self.where:
+            raise CheckpointError(f"{self.folder}: tensor {name!r} is missing from the checkpoint")
+        path = self.where[name]
+        try:
+            return self.handles[path].get_tensor(name)
+        except Exception as e:
+            raise CheckpointError(f"{path}: cannot read tensor {name!r} ({e}); the file may be truncated") from e
+
+
+def _read_hf(folder, dtype):
+    config_path = os.path.join(folder, "config.json")
+    if not os.path.isfile(config_path):
+        raise FileNotFoundError(f"{config_path}: missing")
+    with open(config_path) as f:
+        config = ModelConfig.from_hf(json.load(f), source=config_path)
+    gen = {}
+    gen_path = os.path.join(folder, "generation_config.json")
+    if os.path.isfile(gen_path):
+        with open(gen_path) as f:
+            gen = json.load(f)
+    src = _SafetensorsFolder(folder)
+    eos = gen.get("eos_token_id")
+    extra_eos = [] if eos is None else [eos] if isinstance(eos, int) else list(eos)
+    tokenizer = load_hf_tokenizer(folder, extra_eos=extra_eos)
+    return config, _hf_tensors(config, src), tokenizer, gen
+
+
+def _hf_tensors(c, src):
+    """our parameter name -> a function reading its tensor from the checkpoint (called once, in _build)."""
+    gpt2 = c.arch == "gpt2"
+    root = ("transformer." if "transformer.wte.weight" in src else "") if gpt2 else "model."
+
+    def one(name, transpose=False):
+        return lambda: src.get(name).t() if transpose else src.get(name)
+
+    def cat(*names):
+        return lambda: torch.cat([src.get(n) for n in names])
+
+    if gpt2:
+        plan = {"tok_embeddings.weight": one(root + "wte.weight"), "pos_embeddings.weight": one(root + "wpe.weight"),
+                "norm.weight": one(root + "ln_f.weight"), "norm.bias": one(root + "ln_f.bias")}
+        for i in range(c.num_layers):
+            p, o = f"{root}h.{i}.", f"layers.{i}."
+            for ours, theirs in (("attn_norm", "ln_1"), ("mlp_norm", "ln_2")):
+                for kind in ("weight", "bias"):
+                    plan[f"{o}{ours}.{kind}"] = one(f"{p}{theirs}.{kind}")
+            for ours, theirs in (("attn.wqkv", "attn.c_attn"), ("attn.wo", "attn.c_proj"), ("mlp.w_in", "mlp.c_fc"),
+                                 ("mlp.w_out", "mlp.c_proj")):
+                plan[f"{o}{ours}.weight"] = one(f"{p}{theirs}.weight", transpose=True)  # Conv1D: (in, out)
+                plan[f"{o}{ours}.bias"] = one(f"{p}{theirs}.bias")
+        if "lm_head.weight" in src and not c.tie_word_embeddings:
+            plan["output.weight"] = one("lm_head.weight")
+        return plan
+    plan = {"tok_embeddings.weight": one("model.embed_tokens.weight"), "norm.weight": one("model.norm.weight")}
+    if not c.tie_word_embeddings:
+        plan["output.weight"] = one("lm_head.weight")
+    for i in range(c.num_layers):
+        p, o = f"model.layers.{i}.", f"layers.{i}."
+        plan[o + "attn_norm.weight"] = one(p + "input_layernorm.weight")
+        plan[o + "mlp_norm.weight"] = one(p + "post_attention_layernorm.weight")
+        attn = p + "self_attn."
+        fused = attn + "qkv_proj.weight" in src
+        for kind, present in (("weight", True), ("bias", c.qkv_bias)):
+            if present:
+                plan[f"{o}attn.wqkv.{kind}"] = (one(f"{attn}qkv_proj.{kind}") if fused else
+                                                cat(*(f"{attn}{x}_proj.{kind}" for x in "qkv")))
+        plan[o + "attn.wo.weight"] = one(attn + "o_proj.weight")
+        if c.o_bias:
+            plan[o + "attn.wo.bias"] = one(attn + "o_proj.bias")
+        if c.qk_norm:
+            plan[o + "attn.q_norm.weight"] = one(attn + "q_norm.weight")
+            plan[o + "attn.k_norm.weight"] = one(attn + "k_norm.weight")
+        mlp = p + "mlp."
+        for kind, present in (("weight", True), ("bias", c.mlp_bias)):
+            if present:
+                plan[f"{o}mlp.w_in.{kind}"] = (one(f"{mlp}gate_up_proj.{kind}") if f"{mlp}gate_up_proj.weight" in src
+                                               else cat(f"{mlp}gate_proj.{kind}", f"{mlp}up_proj.{kind}"))
+                plan[f"{o}mlp.w_out.{kind}"] = one(f"{mlp}down_proj.{kind}")
+    return plan
+
+
+# ------------------------------------------------------------------ GGUF files
+def _read_gguf(path, dtype, native):
+    f = GGUFFile(path)
+    config = ModelConfig.from_gguf(f.meta, has_output="output.weight" in f, source=path)
+    tokenizer = gguf_tokenizer(f.meta, source=path)
+    gen = {"eos_token_id": sorted(tokenizer.eos_token_ids | set(config.eos_token_ids))}
+    return config, _gguf_tensors(config, f, dtype, native), tokenizer, gen
+
+
+def _gguf_tensors(c, f, dtype, native):
+    """our name -> thunk over llama.cpp tensor names (blk.N.attn_q.weight, ...). native: keep Q4_0 / Q4_1 /
+    Q8_0 quantized (else every tensor is dequantized to float by gguf.quants)."""
+    # llama.cpp's converter reorders the rows of Q and K of "llama" files for its interleaved (GPT-J) rope;
+    # we rotate halves (HF layout), so those rows are put back.
+    unpermute = f.meta.get("general.architecture") in ("llama", "mistral")
+    if "rope_factors_long.weight" in f or "rope_factors_short.weight" in f:
+        raise CheckpointError(f"{f.path}: LongRoPE scaling (rope_factors_*) is not supported")
+
+    def one(name):
+        return lambda: f.get(name, dtype, native)
+
+    def qkv(blk, kind):
+        if f"{blk}attn_qkv.{kind}" in f:
+            return one(f"{blk}attn_qkv.{kind}")
+
+        def load():
+            q, k, v = (f.get(f"{blk}attn_{x}.{kind}", dtype, native) for x in "qkv")
+            if unpermute:
+                q, k = _unpermute_rope(q, c.num_heads), _unpermute_rope(k, c.num_kv_heads)
+            return _cat_rows([q, k, v])
+        return load
+
+    plan = {"tok_embeddings.weight": one("token_embd.weight"), "norm.weight": one("output_norm.weight")}
+    if "position_embd.weight" in f:
+        plan["pos_embeddings.weight"] = one("position_embd.weight")
+    if "output_norm.bias" in f:
+        plan["norm.bias"] = one("output_norm.bias")
+    if "output.weight" in f:
+        plan["output.weight"] = one("output.weight")
+    for i in range(c.num_layers):
+        b, o = f"blk.{i}.", f"layers.{i}."
+        for ours, theirs in (("attn_norm", "attn_norm"), ("mlp_norm", "ffn_norm")):
+            for kind in ("weight", "bias"):
+                if f"{b}{theirs}.{kind}" in f:
+                    plan[f"{o}{ours}.{kind}"] = one(f"{b}{theirs}.{kind}")
+        plan[o + "attn.wqkv.weight"] = qkv(b, "weight")
+        if f"{b}attn_qkv.bias" in f or f"{b}attn_q.bias" in f:
+            plan[o + "attn.wqkv.bias"] = qkv(b, "bias")
+        for ours, theirs in (("attn.wo", "attn_output"), ("mlp.w_out", "ffn_down")):
+            for kind in ("weight", "bias"):
+                if f"{b}{theirs}.{kind}" in f:
+                    plan[f"{o}{ours}.{kind}"] = one(f"{b}{theirs}.{kind}")
+        if c.qk_norm:
+            plan[o + "attn.q_norm.weight"] = one(b + "attn_q_norm.weight")
+            plan[o + "attn.k_norm.weight"] = one(b + "attn_k_norm.weight")
+        if f"{b}ffn_gate.weight" in f:
+            plan[o + "mlp.w_in.weight"] = (lambda b=b: _cat_rows([f.get(f"{b}ffn_{x}.weight", dtype, native)
+                                                                   for x in ("gate", "up")]))
+        else:  # Phi-3 stores gate|up fused in ffn_up; GPT-2 has no gate
+            plan[o + "mlp.w_in.weight"] = one(b + "ffn_up.weight")
+        if f"{b}ffn_up.bias" in f:
+            plan[o + "mlp.w_in.bias"] = one(b + "ffn_up.bias")
+    if "rope_freqs.weight" in f:  # Llama 3 rope scaling, stored as per-frequency divisors of inv_freq
+        plan["inv_freq"] = lambda: rope_inv_freq(c) / f.get("rope_freqs.weight", torch.float32)
+    return plan
+
+
+def _unpermute_rope(w, heads):
+    """Undo llama.cpp's row order for rope: its row h*D + 2j + t is our row h*D + t*D/2 + j (t in 0, 1)."""
+    rows = w.shape[0]
+    d = rows // heads
+    index = torch.arange(rows).reshape(heads, d // 2, 2).transpose(1, 2).reshape(-1)
+    return _take_rows(w, index)
+
+
+def _take_rows(w, index):
+    if isinstance(w, torch.Tensor):
+        return w[index]
+    offsets = None if w.offsets is None else w.offsets[index]
+    return QuantizedWeight(w.bits, w.qweight[index], w.scales[index], offsets, group_size=w.group_size,
+                           shape=(len(index), w.in_features), dtype=w.dtype)
+
+
+def _cat_rows(parts):
+    """Stack weights along the output dimension; quantized parts stay quantized when their formats agree."""
+    if all(isinstance(p, torch.Tensor) for p in parts):
+        return torch.cat(parts)
+    first = parts[0]
+    same = all(isinstance(p, QuantizedWeight) and (p.bits, p.group_size) == (first.bits, first.group_size)
+               for p in parts)
+    if not same:
+        log.warning("mixed quantization formats in one fused projection: dequantized to float")
+        return torch.cat([p if isinstance(p, torch.Tensor) else p.dequantize(torch.float32) for p in parts])
+    offsets = None if first.offsets is None else torch.cat([p.offsets for p in parts])
+    return QuantizedWeight(first.bits, torch.cat([p.qweight for p in parts]), torch.cat([p.scales for p in parts]),
+                           offsets, group_size=first.group_size,
+                           shape=(sum(p.out_features for p in parts), first.in_features), dtype=first.dtype)
+
+
+# ------------------------------------------------------------------ assembling the model
+def _build(config, plan, device, dtype, quant, group_size):
+    """Instantiate the model without memory (meta), then give every parameter its checkpoint tensor."""
+    with torch.device("meta"):
+        model = Transformer(config)
+    expected = {name: p for name, p in model.named_parameters()}
+    missing = sorted(set(expected) - set(plan) - ({"output.weight"} if config.tie_word_embeddings else set()))
+    if missing:
+        raise CheckpointError(f"{config.source}: the checkpoint lacks {len(missing)} tensors the config implies, "
+                              f"e.g. {missing[:4]}")
+    source = config.source
+    for name, load in tqdm(plan.items(), desc="loading weights", unit="tensor", leave=False,
+                           disable=not log.isEnabledFor(logging.INFO)):
+        value = load()
+        if name == "inv_freq":
+            model.inv_freq = value.to(device)
+            continue
+        if name not in expected:
+            raise CheckpointError(f"{source}: unexpected tensor for {name}")
+        want = tuple(expected[name].shape)
+        got = tuple(value.shape)
+        if got != want:
+            raise CheckpointError(f"{source}: tensor for {name} has shape {got}, but the config implies {want} "
+                                  f"(inconsistent config sizes?)")
+        module_name, _, attr = name.rpartition(".")
+        module = model.get_submodule(module_name)
+        if name == "tok_embeddings.weight" and isinstance(value, QuantizedWeight):
+            if "output.weight" not in plan and quant != "none":  # tied head: the native matrix for the matmul
+                model.output = QuantizedLinear(value.to(device))
+            value = value.dequantize(dtype)
+        if isinstance(value, QuantizedWeight) and quant == "none":
+            value = value.dequantize(dtype)
+        if isinstance(value, QuantizedWeight):
+            _set_quantized(model, module_name, value.to(device))
+        elif isinstance(module, QuantizedLinear):
+            module.bias = nn.Parameter(value.to(device, dtype), requires_grad=False)
+        else:
+            setattr(module, attr, nn.Parameter(value.to(device, dtype).contiguous(), requires_grad=False))
+    if config.tie_word_embeddings and "output.weight" not in plan and not isinstance(model.output, QuantizedLinear):
+        model.output.weight = model.tok_embeddings.weight
+    if quant in ("int8", "int4"):
+        _quantize_linears(model, quant, group_size)
+    model.inv_freq = None if model.inv_freq is None else model.inv_freq.to(device)
+    unloaded = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
+    if unloaded:
+        raise CheckpointError(f"{source}: no checkpoint tensor for {unloaded[:4]}")
+    return model.eval()
+
+
+def _set_quantized(model, module_name, weight):
+    """Swap the linear `module_name` for a QuantizedLinear (its bias, possibly still unloaded, carries over)."""
+    parent_name, _, child = module_name.rpartition(".")
+    new = QuantizedLinear(weight, model.get_submodule(module_name).bias)
+    setattr(model.get_submodule(parent_name) if parent_name else model, child, new)
+
+
+def _quantize_linears(model, quant, group_size):
+    names = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)
+             and (n.endswith(_LINEARS) or n == "output")]
+    for name in names:
+        linear = model.get_submodule(name)
+        k = linear.in_features
+        if quant == "int4" and k % group_size:
+            log.warning("%s kept in float: in_features %d is not a multiple of group_size %d", name, k, group_size)
+            continue
+        w = quantize_int4(linear.weight, group_size) if quant == "int4" else quantize_int8(linear.weight)
+        _set_quantized(model, name, w)

@@ -1,0 +1,253 @@
+"""The decoder: one pre-norm transformer, switched by ModelConfig, on flashgen ops.
+
+Per layer (residual stream r, fused "add + norm" so the residual add costs no extra pass):
+    x, r = norm_attn(h, r)          r <- r + h, x = norm(r)
+    h = wo(attention(rope(q), rope(k), v))      q, k, v = split(wqkv(x))  [q/k RMSNorm first for Qwen3]
+    x, r = norm_mlp(h, r)
+    h = w_out(act(gate) * up)   with gate, up = split(w_in(x))   (SwiGLU)
+      | w_out(gelu(w_in(x)))                                     (GPT-2)
+logits = output(norm(r + h)); the output head may share the embedding matrix (tied).
+
+Rotary embedding (HF "rotate_half" layout): for the first rotary_dim features of a head split in halves
+(x1, x2) and angle a_i = pos * inv_freq_i: (x1 cos a - x2 sin a, x2 cos a + x1 sin a). Llama 3 scaling
+rescales inv_freq once (`rope_inv_freq`). GPT-2 adds learned position embeddings instead.
+
+Attention: flash_attn_func for a full recompute (`forward`), flash_attn_with_kvcache for `prefill` and
+`decode`, which write the new k, v into the static cache in place. Linears are nn.Linear (float) or
+QuantizedLinear (int4 / int8); the loader decides which.
+"""
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from flashgen.kernels import flash_attn_func, flash_attn_with_kvcache
+from flashgen.kernels.norm import layer_norm, rms_norm
+
+from .config import ModelConfig
+from .kv_cache import KVCache
+
+
+def rope_inv_freq(config: ModelConfig):
+    """inv_freq_i = theta^(-2i / rotary_dim), i < rotary_dim / 2, with Llama 3 frequency scaling if configured:
+    wavelengths 2 pi / inv_freq above original_context / low_freq_factor are divided by `factor`, those below
+    original_context / high_freq_factor are kept, and the ones between interpolate smoothly."""
+    dim = config.rotary_dim
+    inv_freq = 1.0 / (config.rope_theta ** (torch.arange(0, dim, 2, dtype=torch.int64, device="cpu").float() / dim))
+    scaling = config.rope_scaling
+    if scaling is None:
+        return inv_freq
+    factor, low, high = scaling["factor"], scaling["low_freq_factor"], scaling["high_freq_factor"]
+    context = scaling.get("original_max_position_embeddings", config.max_position_embeddings)
+    wavelen = 2 * math.pi / inv_freq
+    scaled = torch.where(wavelen > context / low, inv_freq / factor, inv_freq)
+    smooth = (context / wavelen - low) / (high - low)
+    smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+    medium = ~(wavelen < context / high) & ~(wavelen > context / low)
+    return torch.where(medium, smoothed, scaled)
+
+
+def apply_rope(x, cos, sin):
+    """x (B, T, H, D); cos, sin (B, T, 1, rotary_dim / 2) float32. Rotates the first rotary_dim features."""
+    half = cos.shape[-1]
+    x1, x2, rest = x[..., :half].float(), x[..., half:2 * half].float(), x[..., 2 * half:]
+    rotated = torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1).to(x.dtype)
+    return torch.cat((rotated, rest), dim=-1) if rest.shape[-1] else rotated
+
+
+class Norm(nn.Module):
+    """RMSNorm or LayerNorm with an optional fused residual add: forward(x, residual) -> (norm(x + r), x + r)."""
+
+    def __init__(self, dim, eps, kind="rms", bias=False):
+        super().__init__()
+        self.kind, self.eps = kind, eps
+        self.weight = nn.Parameter(torch.ones(dim), requires_grad=False)
+        self.bias = nn.Parameter(torch.zeros(dim), requires_grad=False) if bias else None
+
+    def forward(self, x, residual=None):
+        if self.kind == "rms":
+            out = rms_norm(x, self.weight, self.eps, residual)
+        else:
+            out = layer_norm(x, self.weight, self.bias, self.eps, residual)
+        return out if residual is not None else (out, x)
+
+
+def _linear(in_features, out_features, bias):
+    return nn.Linear(in_features, out_features, bias=bias).requires_grad_(False)
+
+
+class Attention(nn.Module):
+    def __init__(self, c: ModelConfig):
+        super().__init__()
+        self.c = c
+        self.wqkv = _linear(c.hidden_size, c.q_size + 2 * c.kv_size, c.qkv_bias)
+        self.wo = _linear(c.q_size, c.hidden_size, c.o_bias)
+        self.q_norm = Norm(c.head_dim, c.norm_eps) if c.qk_norm else None
+        self.k_norm = Norm(c.head_dim, c.norm_eps) if c.qk_norm else None
+        # A query attends itself and the previous sliding_window - 1 keys.
+        self.window = (c.sliding_window - 1, 0) if c.sliding_window else (-1, -1)
+
+    def forward(self, x, rope, cache=None, cache_seqlens=None):
+        b, t, _ = x.shape
+        c = self.c
+        q, k, v = self.wqkv(x).split([c.q_size, c.kv_size, c.kv_size], dim=-1)
+        q = q.reshape(b, t, c.num_heads, c.head_dim)
+        k = k.reshape(b, t, c.num_kv_heads, c.head_dim)
+        v = v.reshape(b, t, c.num_kv_heads, c.head_dim)
+        if self.q_norm is not None:
+            q, k = self.q_norm(q)[0], self.k_norm(k)[0]
+        if rope is not None:
+            q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+        if cache is None:
+            o = flash_attn_func(q, k, v, causal=True, window_size=self.window)
+        else:
+            o = flash_attn_with_kvcache(q, cache[0], cache[1], k, v, cache_seqlens=cache_seqlens, causal=True,
+                                        window_size=self.window)
+        return self.wo(o.reshape(b, t, c.q_size))
+
+
+class MLP(nn.Module):
+    def __init__(self, c: ModelConfig):
+        super().__init__()
+        self.gated = c.mlp == "swiglu"
+        self.w_in = _linear(c.hidden_size, c.intermediate_size * (2 if self.gated else 1), c.mlp_bias)
+        self.w_out = _linear(c.intermediate_size, c.hidden_size, c.mlp_bias)
+        self.act = {"silu": F.silu, "gelu": F.gelu, "gelu_tanh": lambda x: F.gelu(x, approximate="tanh")}[c.activation]
+
+    def forward(self, x):
+        h = self.w_in(x)
+        if self.gated:
+            gate, up = h.chunk(2, dim=-1)
+            return self.w_out(self.act(gate) * up)
+        return self.w_out(self.act(h))
+
+
+class Block(nn.Module):
+    def __init__(self, c: ModelConfig):
+        super().__init__()
+        bias = c.norm == "layer"
+        self.attn_norm = Norm(c.hidden_size, c.norm_eps, c.norm, bias)
+        self.attn = Attention(c)
+        self.mlp_norm = Norm(c.hidden_size, c.norm_eps, c.norm, bias)
+        self.mlp = MLP(c)
+
+    def forward(self, h, residual, rope, cache=None, cache_seqlens=None):
+        x, residual = self.attn_norm(h, residual)
+        h = self.attn(x, rope, cache, cache_seqlens)
+        x, residual = self.mlp_norm(h, residual)
+        return self.mlp(x), residual
+
+
+class Transformer(nn.Module):
+    """Decoder with a static KV cache. See ENGINE_API: setup_cache, reset, prefill, decode, forward."""
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        c = self.config = config
+        self.tok_embeddings = nn.Embedding(c.vocab_size, c.hidden_size).requires_grad_(False)
+        self.pos_embeddings = (nn.Embedding(c.max_position_embeddings, c.hidden_size).requires_grad_(False)
+                               if c.learned_positions else None)
+        self.layers = nn.ModuleList(Block(c) for _ in range(c.num_layers))
+        self.norm = Norm(c.hidden_size, c.norm_eps, c.norm, c.norm == "layer")
+        self.output = _linear(c.hidden_size, c.vocab_size, False)
+        self.register_buffer("inv_freq", None if c.learned_positions else rope_inv_freq(c), persistent=False)
+        self.cache = None
+        self.batch_size = 0
+
+    # ------------------------------------------------------------ cache
+    def setup_cache(self, max_batch_size, max_seq_len):
+        """Preallocate the KV cache for `max_batch_size` sequences of up to `max_seq_len` tokens."""
+        c = self.config
+        if c.learned_positions and max_seq_len > c.max_position_embeddings:
+            raise ValueError(f"max_seq_len {max_seq_len} exceeds the model's {c.max_position_embeddings} "
+                             f"learned positions")
+        weight = self.tok_embeddings.weight
+        self.cache = KVCache(c.num_layers, max_batch_size, max_seq_len, c.num_kv_heads, c.head_dim, weight.dtype,
+                             weight.device)
+        self.batch_size = 0
+
+    def reset(self, batch_size=None):
+        """Empty the cache (all lengths 0) and make `batch_size` (default: all rows) the active batch."""
+        self._need_cache()
+        self.cache.seqlens.zero_()
+        self.batch_size = self.cache.max_batch_size if batch_size is None else batch_size
+
+    @property
+    def cache_seqlens(self):
+        """int32 (B,): tokens held in the cache for each active sequence."""
+        self._need_cache()
+        return self.cache.seqlens[:self.batch_size]
+
+    def _need_cache(self):
+        if self.cache is None:
+            raise RuntimeError("no KV cache: call model.setup_cache(max_batch_size, max_seq_len) first")
+
+    # ------------------------------------------------------------ forward passes
+    def _embed(self, input_ids, positions):
+        h = self.tok_embeddings(input_ids)
+        if self.pos_embeddings is not None:
+            return h + self.pos_embeddings(positions), None
+        angles = positions.unsqueeze(-1).float() * self.inv_freq  # (B, T, rotary_dim / 2)
+        return h, (angles.cos().unsqueeze(2), angles.sin().unsqueeze(2))
+
+    def _logits(self, h, residual):
+        return self.output(self.norm(h, residual)[0]).float()
+
+    def forward(self, input_ids):
+        """Full recompute without the cache: input_ids (B, T) -> logits float32 (B, T, V)."""
+        b, t = input_ids.shape
+        self._check_positions(t)
+        positions = torch.arange(t, device=input_ids.device).expand(b, t)
+        h, rope = self._embed(input_ids, positions)
+        residual = None
+        for layer in self.layers:
+            h, residual = layer(h, residual, rope)
+        return self._logits(h, residual)
+
+    @torch.inference_mode()
+    def prefill(self, input_ids, lengths):
+        """Right-padded prompts input_ids (B, T) of `lengths` (B,) -> logits float32 (B, V) at each last prompt
+        token. Fills cache rows 0..B-1 from position 0; the cache lengths become `lengths`."""
+        self._need_cache()
+        b, t = input_ids.shape
+        if b > self.cache.max_batch_size:
+            raise ValueError(f"batch {b} exceeds the cache's max_batch_size {self.cache.max_batch_size}")
+        if t > self.cache.max_seq_len:
+            raise ValueError(f"prompt length {t} exceeds the cache's max_seq_len {self.cache.max_seq_len}")
+        lengths = torch.as_tensor(lengths, device=input_ids.device).reshape(b)
+        if b and not (1 <= int(lengths.min()) and int(lengths.max()) <= t):
+            raise ValueError(f"lengths must be in [1, {t}] (the padded prompt length), got {lengths.tolist()}")
+        self._check_positions(t)
+        self.reset(b)
+        positions = torch.arange(t, device=input_ids.device).expand(b, t)
+        h, rope = self._embed(input_ids, positions)
+        seqlens = self.cache.seqlens[:b]
+        residual = None
+        for i, layer in enumerate(self.layers):
+            h, residual = layer(h, residual, rope, self.cache.layer(i), seqlens)
+        # The padding written past each prompt's end is overwritten by the next decode steps.
+        seqlens.copy_(lengths)
+        last = (lengths.long() - 1).clamp(min=0)
+        rows = torch.arange(b, device=h.device)
+        return self._logits(h[rows, last].unsqueeze(1), residual[rows, last].unsqueeze(1)).squeeze(1)
+
+    @torch.inference_mode()
+    def decode(self, tokens):
+        """One new token per active sequence, tokens (B,), at position cache_seqlens -> logits float32 (B, V)."""
+        self._need_cache()
+        b = tokens.shape[0]
+        if b != self.batch_size:
+            raise ValueError(f"decode got {b} tokens but the active batch (from prefill / reset) is {self.batch_size}")
+        seqlens = self.cache.seqlens[:b]
+        positions = seqlens.long().unsqueeze(1)
+        h, rope = self._embed(tokens.reshape(b, 1), positions)
+        residual = None
+        for i, layer in enumerate(self.layers):
+            h, residual = layer(h, residual, rope, self.cache.layer(i), seqlens)
+        seqlens.add_(1)
+        return self._logits(h, residual).squeeze(1)
+
+    def _check_positions(self, t):
+        if self.pos_embeddings is not None and t > self.config.max_position_embeddings:
+            raise ValueError(f"{t} tokens exceed the model's {self.config.max_position_embeddings} learned positions")

@@ -1,0 +1,125 @@
+"""Quantized linear layers: functions over QuantizedWeight, the QuantizedLinear module and quantize_model.
+
+Every function computes y = x W^T + bias with W the dequantized weight (N, K); x (..., K) in float32, bfloat16
+or float16, y (..., N) in x's dtype. The gradient flows to x (dy W) and to bias; the weight takes none.
+How each device computes it (exact float, or int8 activations) is documented on the op's kernels:
+kernels/reference.py and csrc/cpu/quant_linear.cpp.
+"""
+import fnmatch
+import logging
+
+import torch
+from torch import nn
+
+from .quant import QuantizedWeight, quantize_int4, quantize_int8
+
+log = logging.getLogger("flashgen")
+
+
+def _weight(qweight, bits):
+    if not isinstance(qweight, QuantizedWeight):
+        raise TypeError(f"qweight must be a QuantizedWeight, got {type(qweight).__name__}")
+    if qweight.bits != bits:
+        raise ValueError(f"expected a {bits}-bit QuantizedWeight, got {qweight.bits}-bit")
+    return qweight
+
+
+def int4_linear(x, qweight, bias=None):
+    """y = x W^T + bias for an int4 QuantizedWeight W (weight-only: activations stay float on the API)."""
+    w = _weight(qweight, 4)
+    return torch.ops.flashgen.int4_linear(x, *w.packed(), w.group_size, w.out_features, bias)
+
+
+def int8_linear(x, qweight, bias=None):
+    """y = x W^T + bias for an int8 QuantizedWeight W (weight-only)."""
+    w = _weight(qweight, 8)
+    return torch.ops.flashgen.int8_linear(x, *w.packed(), w.out_features, bias)
+
+
+def int8_linear_dynamic(x, qweight, bias=None):
+    """W8A8: x is quantized per token to symmetric int8 (scale max|x|/127), the products accumulate in int32,
+    y = sx * sum_b sw_b * acc_b + bias. The gradient wrt x treats the activation rounding as identity."""
+    w = _weight(qweight, 8)
+    return torch.ops.flashgen.int8_linear_dynamic(x, *w.packed(), w.out_features, bias)
+
+
+_LINEARS = {"int4": int4_linear, "int8": int8_linear, "int8_dynamic": int8_linear_dynamic}
+
+
+class QuantizedLinear(nn.Module):
+    """Drop-in for nn.Linear over a frozen QuantizedWeight. mode: "int4", "int8" or "int8_dynamic" (W8A8).
+
+    The weight is prepacked for its device on first use; `.to(device)` moves it (dtype conversions leave the
+    codes and float32 scales alone and apply to the bias only). The state dict holds the canonical tensors.
+    """
+
+    def __init__(self, weight: QuantizedWeight, bias=None, mode=None):
+        super().__init__()
+        mode = mode or ("int4" if weight.bits == 4 else "int8")
+        if mode not in _LINEARS or (weight.bits == 4) != (mode == "int4"):
+            raise ValueError(f"mode {mode!r} does not fit a {weight.bits}-bit weight (int4 | int8 | int8_dynamic)")
+        self.weight, self.mode = weight, mode
+        self.in_features, self.out_features = weight.in_features, weight.out_features
+        self.bias = nn.Parameter(bias.detach().clone(), requires_grad=False) if bias is not None else None
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, mode="int8", group_size=32, symmetric=False, block_size=None):
+        if mode == "int4":
+            w = quantize_int4(linear.weight, group_size=group_size, symmetric=symmetric)
+        elif mode in ("int8", "int8_dynamic"):
+            w = quantize_int8(linear.weight, block_size=block_size)
+        else:
+            raise ValueError(f"mode must be 'int4', 'int8' or 'int8_dynamic', got {mode!r}")
+        return cls(w.to(linear.weight.device), linear.bias, mode)
+
+    def forward(self, x):
+        return _LINEARS[self.mode](x, self.weight, self.bias)
+
+    def _apply(self, fn, recurse=True):
+        # fn converts a tensor (device and/or dtype); only its device applies to the codes and scales.
+        device = fn(torch.empty(0, device=self.weight.device)).device
+        if device != self.weight.device:
+            self.weight = self.weight.to(device)
+        return super()._apply(fn, recurse)
+
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+        destination.update(self.weight.state_dict(prefix + "weight."))
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                              error_msgs):
+        keys = [k for k in state_dict if k.startswith(prefix + "weight.")]
+        if keys:
+            self.weight = QuantizedWeight.from_state_dict(state_dict, prefix + "weight.").to(self.weight.device)
+        elif strict:
+            missing_keys.append(prefix + "weight.qmeta")
+        rest = {k: v for k, v in state_dict.items() if k not in keys}
+        super()._load_from_state_dict(rest, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                                      error_msgs)
+
+    def extra_repr(self):
+        return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
+                f"mode={self.mode}, group_size={self.weight.group_size}")
+
+
+def quantize_model(model: nn.Module, mode="int8", group_size=32, skip=(), symmetric=False, block_size=None):
+    """Replace every nn.Linear of `model` (in place) by a QuantizedLinear; returns the model.
+
+    mode: "int4" (group_size 32/64/128, symmetric or not), "int8" (block_size None or 32) or "int8_dynamic".
+    skip: module names or fnmatch patterns (e.g. "lm_head", "*.gate") left in float. An int4 layer whose
+    in_features is not a multiple of group_size is left in float too, with a warning.
+    """
+    if mode not in _LINEARS:
+        raise ValueError(f"mode must be 'int4', 'int8' or 'int8_dynamic', got {mode!r}")
+    skip = [skip] if isinstance(skip, str) else list(skip)
+    targets = [(name, m) for name, m in model.named_modules() if isinstance(m, nn.Linear)
+               and not any(name == p or fnmatch.fnmatchcase(name, p) for p in skip)]
+    for name, linear in targets:
+        if mode == "int4" and linear.in_features % group_size:
+            log.warning("quantize_model: %s kept in float (in_features %d not a multiple of group_size %d)",
+                        name, linear.in_features, group_size)
+            continue
+        parent_name, _, child = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        setattr(parent, child, QuantizedLinear.from_linear(linear, mode, group_size, symmetric, block_size))
+    return model

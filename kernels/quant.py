@@ -1,0 +1,328 @@
+"""Quantized weight formats: round-to-nearest quantizers, save/load, and lossless converters (GGUF, AWQ, GPTQ).
+
+Canonical formats (what a QuantizedWeight stores, the same on every device):
+
+- int4: `qweight` uint8 (N, K//2), byte (n, j) = q[n, 2j] | q[n, 2j+1] << 4 with codes q in [0, 15];
+  `scales` and `offsets` float32 (N, K//g), one per group of g consecutive input features (g in 32, 64, 128):
+      w[n, k] = scales[n, k//g] * q[n, k] + offsets[n, k//g]
+- int8: `qweight` int8 (N, K); `scales` float32 (N, 1) per output channel, or (N, K//32) per block of 32 (GGUF Q8_0):
+      w[n, k] = scales[n, k // block] * q[n, k]
+
+Each device's kernels stream a prepacked layout instead (`flashgen::int4_prepack` / `int8_prepack`);
+`QuantizedWeight.packed()` builds it once per device and caches it.
+"""
+import json
+
+import numpy as np
+import torch
+
+from . import reference
+
+INT4_GROUP_SIZES = (32, 64, 128)
+INT8_BLOCK_SIZES = (None, 32)
+_DTYPES = {str(d): d for d in (torch.float32, torch.float16, torch.bfloat16, torch.float64)}
+
+
+class QuantizedWeight:
+    """A quantized (N, K) weight in the canonical format (module docstring), plus the original shape and dtype.
+
+    bits: 4 or 8. group_size: int4 group size g; int8 block size (32) or None for per-output-channel scales.
+    dtype: the dtype of the weight it was made from (the default dtype of `dequantize()`).
+    """
+
+    def __init__(self, bits, qweight, scales, offsets=None, group_size=None, shape=None, dtype=torch.float32):
+        if bits not in (4, 8):
+            raise ValueError(f"bits must be 4 or 8, got {bits}")
+        n = qweight.shape[0]
+        k = qweight.shape[1] * (2 if bits == 4 else 1)
+        shape = tuple(shape) if shape is not None else (n, k)
+        if shape != (n, k):
+            raise ValueError(f"shape {shape} does not match qweight {tuple(qweight.shape)} for {bits}-bit codes")
+        if bits == 4:
+            _check_int4(qweight, scales, offsets, group_size, k)
+        else:
+            _check_int8(qweight, scales, offsets, group_size, k)
+        self.bits, self.qweight, self.scales, self.offsets = bits, qweight, scales, offsets
+        self.group_size, self.shape, self.dtype = group_size, shape, dtype
+        self._packed = None
+
+    @property
+    def out_features(self):
+        return self.shape[0]
+
+    @property
+    def in_features(self):
+        return self.shape[1]
+
+    @property
+    def device(self):
+        return self.qweight.device
+
+    def tensors(self):
+        """The canonical tensors: (qweight, scales, offsets) for int4, (qweight, scales) for int8."""
+        return (self.qweight, self.scales, self.offsets) if self.bits == 4 else (self.qweight, self.scales)
+
+    def dequantize(self, dtype=None):
+        """The (N, K) weight the codes stand for (exact in float32 and float64; rounded once to other dtypes)."""
+        dtype = dtype or self.dtype
+        if self.bits == 4:
+            return reference.int4_dequantize(*self.tensors(), self.group_size, *self.shape, dtype)
+        return reference.int8_dequantize(*self.tensors(), *self.shape, dtype)
+
+    def packed(self):
+        """The tensors prepacked for this weight's device (`flashgen::int{4,8}_prepack`), built once and cached."""
+        if self._packed is None:
+            if self.bits == 4:
+                self._packed = torch.ops.flashgen.int4_prepack(*self.tensors(), self.group_size)
+            else:
+                self._packed = torch.ops.flashgen.int8_prepack(*self.tensors())
+        return self._packed
+
+    def to(self, device):
+        """A copy on `device` (the prepacked cache is rebuilt there on first use)."""
+        moved = [t.to(device) if t is not None else None for t in (self.qweight, self.scales, self.offsets)]
+        return QuantizedWeight(self.bits, *moved, group_size=self.group_size, shape=self.shape, dtype=self.dtype)
+
+    def state_dict(self, prefix=""):
+        """Canonical tensors under `prefix` + qweight / scales / offsets, and a uint8 `qmeta` tensor holding
+        bits, group size, shape and dtype as JSON (so a state dict is self-describing in safetensors)."""
+        meta = json.dumps({"bits": self.bits, "group_size": self.group_size, "shape": list(self.shape),
+                           "dtype": str(self.dtype)})
+        sd = {prefix + "qweight": self.qweight, prefix + "scales": self.scales,
+              prefix + "qmeta": torch.tensor(list(meta.encode()), dtype=torch.uint8)}
+        if self.offsets is not None:
+            sd[prefix + "offsets"] = self.offsets
+        return sd
+
+    @classmethod
+    def from_state_dict(cls, sd, prefix=""):
+        if prefix + "qmeta" not in sd:
+            raise KeyError(f"no quantized weight under prefix {prefix!r}: {prefix}qmeta is missing")
+        meta = json.loads(bytes(sd[prefix + "qmeta"].tolist()).decode())
+        if meta.get("dtype") not in _DTYPES:
+            raise ValueError(f"{prefix}qmeta: unknown dtype {meta.get('dtype')!r}")
+        return cls(meta["bits"], sd[prefix + "qweight"], sd[prefix + "scales"], sd.get(prefix + "offsets"),
+                   group_size=meta["group_size"], shape=meta["shape"], dtype=_DTYPES[meta["dtype"]])
+
+    def save(self, path):
+        """Write the state dict to a safetensors file."""
+        from safetensors.torch import save_file
+
+        save_file({k: v.contiguous().cpu() for k, v in self.state_dict().items()}, path)
+
+    @classmethod
+    def load(cls, path, device="cpu"):
+        """Read a file written by `save` (safetensors: no pickle)."""
+        from safetensors.torch import load_file
+
+        return cls.from_state_dict(load_file(path, device=str(device)))
+
+    def __repr__(self):
+        return (f"QuantizedWeight(bits={self.bits}, shape={self.shape}, group_size={self.group_size}, "
+                f"dtype={self.dtype}, device={self.device})")
+
+
+def _expect(t, name, dtype, shape):
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a tensor, got {type(t).__name__}")
+    if t.dtype != dtype:
+        raise TypeError(f"{name} must be {dtype}, got {t.dtype}")
+    if tuple(t.shape) != tuple(shape):
+        raise ValueError(f"{name} must have shape {tuple(shape)}, got {tuple(t.shape)}")
+
+
+def _check_int4(qweight, scales, offsets, group_size, k):
+    if group_size not in INT4_GROUP_SIZES:
+        raise ValueError(f"int4 group_size must be one of {INT4_GROUP_SIZES}, got {group_size}")
+    if k % group_size:
+        raise ValueError(f"int4: in_features {k} must be a multiple of group_size {group_size}")
+    n = qweight.shape[0]
+    _expect(qweight, "qweight", torch.uint8, (n, k // 2))
+    _expect(scales, "scales", torch.float32, (n, k // group_size))
+    _expect(offsets, "offsets", torch.float32, (n, k // group_size))
+
+
+def _check_int8(qweight, scales, offsets, block_size, k):
+    if block_size not in INT8_BLOCK_SIZES:
+        raise ValueError(f"int8 block_size must be None (per output channel) or 32, got {block_size}")
+    if block_size and k % block_size:
+        raise ValueError(f"int8: in_features {k} must be a multiple of block_size {block_size}")
+    if offsets is not None:
+        raise ValueError("int8 weights are symmetric: offsets must be None")
+    n = qweight.shape[0]
+    _expect(qweight, "qweight", torch.int8, (n, k))
+    _expect(scales, "scales", torch.float32, (n, k // block_size if block_size else 1))
+
+
+def _check_weight(w):
+    if not isinstance(w, torch.Tensor) or w.dim() != 2 or not w.is_floating_point():
+        raise ValueError(f"expected a 2-D floating-point weight (out_features, in_features), got "
+                         f"{getattr(w, 'shape', type(w).__name__)} {getattr(w, 'dtype', '')}")
+
+
+def int4_pack(q):
+    """codes (N, K) in [0, 15] -> canonical uint8 (N, K//2), code 2j in the low nibble of byte j."""
+    q = q.to(torch.uint8)
+    return q[:, 0::2] | (q[:, 1::2] << 4)
+
+
+def quantize_int4(w, group_size=32, symmetric=False):
+    """Round-to-nearest int4 per group of `group_size` input features.
+
+    Asymmetric: s = (max - min) / 15, m = min, q = round((w - m) / s).
+    Symmetric: s = max|w| / 7, m = -8 s, q = round(w / s) + 8 (GGUF Q4_0-style, codes 1..15).
+    Either way |w - (s q + m)| <= s/2 per group (plus float32 rounding). Constant groups get s = 0.
+    """
+    _check_weight(w)
+    n, k = w.shape
+    if group_size not in INT4_GROUP_SIZES:
+        raise ValueError(f"int4 group_size must be one of {INT4_GROUP_SIZES}, got {group_size}")
+    if k % group_size:
+        raise ValueError(f"int4: in_features {k} must be a multiple of group_size {group_size}")
+    g = w.detach().to(torch.float32).reshape(n, k // group_size, group_size)
+    if symmetric:
+        s = g.abs().amax(-1, keepdim=True) / 7
+        m = -8 * s
+    else:
+        lo, hi = g.amin(-1, keepdim=True), g.amax(-1, keepdim=True)
+        s, m = (hi - lo) / 15, lo
+    safe = torch.where(s > 0, s, torch.ones_like(s))
+    q = torch.where(s > 0, torch.round((g - m) / safe), torch.zeros_like(g)).clamp(0, 15)
+    return QuantizedWeight(4, int4_pack(q.reshape(n, k)), s.reshape(n, -1).contiguous(),
+                           m.reshape(n, -1).contiguous(), group_size=group_size, dtype=w.dtype)
+
+
+def quantize_int8(w, block_size=None):
+    """Round-to-nearest symmetric int8: s = max|w| / 127 per output channel (block_size None) or per block of
+    32 input features; q = round(w / s) in [-127, 127]. |w - s q| <= s/2 (plus float32 rounding)."""
+    _check_weight(w)
+    n, k = w.shape
+    if block_size not in INT8_BLOCK_SIZES:
+        raise ValueError(f"int8 block_size must be None (per output channel) or 32, got {block_size}")
+    if block_size and k % block_size:
+        raise ValueError(f"int8: in_features {k} must be a multiple of block_size {block_size}")
+    g = w.detach().to(torch.float32).reshape(n, k // block_size if block_size else 1, -1)
+    s = g.abs().amax(-1, keepdim=True) / 127
+    safe = torch.where(s > 0, s, torch.ones_like(s))
+    q = torch.round(g / safe).clamp(-127, 127).to(torch.int8)
+    return QuantizedWeight(8, q.reshape(n, k), s.reshape(n, -1).contiguous(), group_size=block_size, dtype=w.dtype)
+
+
+# ---------------------------------------------------------------- lossless converters
+# GGUF blocks of 32 values as llama.cpp (ggml-common.h) defines them:
+#   Q4_0: fp16 d, 16 bytes; value j < 16 in the low nibble of byte j, value j+16 in its high nibble; w = d (q - 8)
+#   Q4_1: fp16 d, fp16 m, 16 bytes as Q4_0; w = d q + m
+#   Q8_0: fp16 d, 32 int8; w = d q
+# Our int4 takes s = d, m = -8d (Q4_0) or m (Q4_1) with g = 32; both products are exact in float32, so
+# dequantizing gives the very values ggml computes.
+_GGUF_BLOCK_BYTES = {"Q4_0": 18, "Q4_1": 20, "Q8_0": 34}
+
+
+def _gguf_type_name(ggml_type):
+    name = getattr(ggml_type, "name", ggml_type)
+    if name not in _GGUF_BLOCK_BYTES:
+        raise ValueError(f"ggml_type must be one of {sorted(_GGUF_BLOCK_BYTES)}, got {ggml_type!r}")
+    return name
+
+
+def _fp16_field(blocks, start):
+    return blocks[:, start:start + 2].contiguous().view(torch.float16).to(torch.float32).reshape(-1)
+
+
+def from_gguf(raw, ggml_type, shape, dtype=torch.float32):
+    """A GGUF Q4_0 / Q4_1 / Q8_0 tensor's raw block bytes -> QuantizedWeight of shape (N, K) = `shape`
+    (GGUF lists dims innermost first: pass (ne[1], ne[0])). raw: bytes, a uint8 numpy array or tensor."""
+    name = _gguf_type_name(ggml_type)
+    n, k = (int(d) for d in shape)
+    if k % 32:
+        raise ValueError(f"GGUF {name}: in_features {k} must be a multiple of the block size 32")
+    if isinstance(raw, (bytes, bytearray, memoryview)):
+        raw = np.frombuffer(raw, dtype=np.uint8)
+    if isinstance(raw, np.ndarray):
+        raw = np.ascontiguousarray(raw).view(np.uint8)
+        raw = torch.from_numpy(raw if raw.flags.writeable else raw.copy())  # (e.g. a read-only GGUF memmap)
+    bb = _GGUF_BLOCK_BYTES[name]
+    if raw.numel() != n * k // 32 * bb:
+        raise ValueError(f"GGUF {name} tensor of shape ({n}, {k}) needs {n * k // 32 * bb} bytes, got {raw.numel()}")
+    blocks = raw.reshape(-1).view(torch.uint8).reshape(-1, bb)
+    d = _fp16_field(blocks, 0).reshape(n, k // 32)
+    if name == "Q8_0":
+        q = blocks[:, 2:].contiguous().view(torch.int8).reshape(n, k)
+        return QuantizedWeight(8, q, d.contiguous(), group_size=32, dtype=dtype)
+    qs = blocks[:, bb - 16:]
+    codes = torch.cat((qs & 0xF, qs >> 4), dim=1).reshape(n, k)
+    m = -8 * d if name == "Q4_0" else _fp16_field(blocks, 2).reshape(n, k // 32)
+    return QuantizedWeight(4, int4_pack(codes), d.contiguous(), m.contiguous(), group_size=32, dtype=dtype)
+
+
+# AWQ / GPTQ checkpoints store W^T (in_features K, out_features N) as 4-bit codes in int32 words, with fp16
+# scales s and 4-bit zero points z per group: w = (q - z) s. Ours: s, m = -z s (exact in float32), so the
+# dequantized values equal theirs exactly (in float32; theirs in fp16 are the same values rounded once).
+_AWQ_ORDER = (0, 2, 4, 6, 1, 3, 5, 7)  # nibble i of an AWQ word holds column 8c + _AWQ_ORDER[i]
+
+
+def _nibbles(words):
+    """int32 (..., C) -> int64 (..., C, 8): nibble i = bits 4i..4i+3."""
+    shifts = torch.arange(0, 32, 4, device=words.device)
+    return (words.to(torch.int64).unsqueeze(-1) >> shifts) & 0xF
+
+
+def _unpack_awq_cols(words):
+    """int32 (R, N//8) in AWQ order -> codes (R, N)."""
+    nib = _nibbles(words)
+    cols = torch.empty_like(nib)
+    cols[..., list(_AWQ_ORDER)] = nib
+    return cols.reshape(words.shape[0], -1)
+
+
+def _from_zero_point(codes_kn, zeros, scales, dtype):
+    """codes (K, N), zero points (K//g, N), fp16 scales (K//g, N) -> int4 QuantizedWeight of W (N, K)."""
+    k, n = codes_kn.shape
+    if scales.dim() != 2 or scales.shape[1] != n or k % scales.shape[0]:
+        raise ValueError(f"scales must be (K // group_size, N) = (K // g, {n}) with K = {k}, got "
+                         f"{tuple(scales.shape)}")
+    g = k // scales.shape[0]
+    if g not in INT4_GROUP_SIZES:
+        raise ValueError(f"group size {g} (K {k} / {scales.shape[0]} scale rows) is not one of {INT4_GROUP_SIZES}")
+    if tuple(zeros.shape) != tuple(scales.shape):
+        raise ValueError(f"qzeros unpack to {tuple(zeros.shape)}, expected {tuple(scales.shape)}")
+    s = scales.to(torch.float32)
+    m = -zeros.to(torch.float32) * s
+    return QuantizedWeight(4, int4_pack(codes_kn.t()), s.t().contiguous(), m.t().contiguous(), group_size=g,
+                           dtype=dtype)
+
+
+def _check_int32(t, name):
+    if not isinstance(t, torch.Tensor) or t.dtype != torch.int32 or t.dim() != 2:
+        raise TypeError(f"{name} must be a 2-D int32 tensor, got {getattr(t, 'dtype', type(t).__name__)} "
+                        f"{tuple(getattr(t, 'shape', ()))}")
+
+
+def from_awq(qweight, qzeros, scales, dtype=torch.float16):
+    """AWQ (GEMM format) 4-bit tensors -> int4 QuantizedWeight.
+    qweight int32 (K, N//8) and qzeros int32 (K//g, N//8), nibbles in AWQ order [0,2,4,6,1,3,5,7];
+    scales fp16 (K//g, N); w[k, n] = (q[k, n] - z[k//g, n]) * s[k//g, n]."""
+    _check_int32(qweight, "qweight")
+    _check_int32(qzeros, "qzeros")
+    return _from_zero_point(_unpack_awq_cols(qweight), _unpack_awq_cols(qzeros), scales, dtype)
+
+
+def from_gptq(qweight, qzeros, scales, g_idx=None, zero_plus_one=True, dtype=torch.float16):
+    """GPTQ 4-bit tensors -> int4 QuantizedWeight.
+    qweight int32 (K//8, N): nibble j of word (i, n) is q[8i + j, n]; qzeros int32 (K//g, N//8): nibble j of
+    word (r, c) is the stored zero of column 8c + j; scales fp16 (K//g, N).
+    zero_plus_one=True is the convention of AutoGPTQ's original checkpoints (checkpoint_format "gptq"):
+    z = stored + 1, w = (q - z) s. Pass False for "gptq_v2" checkpoints, which store z itself.
+    g_idx (K,) must be the trivial k // g: act-order (desc_act) checkpoints are refused."""
+    _check_int32(qweight, "qweight")
+    _check_int32(qzeros, "qzeros")
+    k8, n = qweight.shape
+    codes = _nibbles(qweight).permute(0, 2, 1).reshape(k8 * 8, n)
+    zeros = _nibbles(qzeros).reshape(qzeros.shape[0], -1) + (1 if zero_plus_one else 0)
+    if g_idx is not None:
+        g = codes.shape[0] // max(scales.shape[0], 1)
+        trivial = torch.arange(codes.shape[0], device=g_idx.device) // g
+        if g_idx.shape != trivial.shape or not torch.equal(g_idx.to(torch.int64), trivial):
+            raise ValueError("g_idx is not k // group_size: act-order (desc_act=True) GPTQ checkpoints are not "
+                             "supported; re-quantize without act-order")
+    return _from_zero_point(codes, zeros, scales, dtype)

@@ -1,0 +1,296 @@
+"""GGUF files written here with gguf.GGUFWriter from a tiny random Llama (Llama 3 rope scaling as llama.cpp
+stores it: `rope_freqs.weight`), its Q and K rows permuted as llama.cpp's converter does.
+
+Layer 0 is Q4_0, layer 1 Q4_1, the embedding Q8_0, the output head F16, the norms F32 (blocks made by
+gguf.quants.quantize). Loading must reproduce gguf.quants.dequantize exactly, give transformers' logits for the
+dequantized weights, and the float model's logits within quantization error; broken files give clear errors.
+"""
+import dataclasses
+import json
+import os
+import re
+
+import numpy as np
+import pytest
+import torch
+from tiny_models import make_model, save_tokenizer
+
+from flashgen.engine.config import ModelConfig
+from flashgen.engine.gguf import CheckpointError
+from flashgen.engine.loader import load_model
+from flashgen.engine.model import rope_inv_freq
+from flashgen.engine.tokenizer import load_hf_tokenizer
+from flashgen.kernels.qlinear import QuantizedLinear
+
+gguf = pytest.importorskip("gguf")
+Q = gguf.GGMLQuantizationType
+LAYER_TYPES = (Q.Q4_0, Q.Q4_1)
+TEXTS = ["Hello world!", "  two  spaces and\ttabs\n\nnewlines", "café naïve 東京 😀", "<|im_start|>user\nhi<|im_end|>"]
+
+
+def permute(w, heads):
+    """llama.cpp's row order for its interleaved rope (convert_hf_to_gguf's LlamaModel.permute)."""
+    return w.reshape(heads, 2, w.shape[0] // heads // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def unpermute(w, heads):
+    return w.reshape(heads, w.shape[0] // heads // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def add_tokenizer(w, tokenizer_dir, vocab_size):
+    """The tiny byte-level BPE of tiny_models as GGUF metadata (tokens, types, merges, special ids, template)."""
+    with open(os.path.join(tokenizer_dir, "tokenizer.json")) as f:
+        tok = json.load(f)
+    vocab = tok["model"]["vocab"]
+    special = {t["content"]: t["id"] for t in tok["added_tokens"]}
+    tokens = [None] * vocab_size
+    for text, i in {**vocab, **special}.items():
+        tokens[i] = text
+    tokens = [t if t is not None else f"[PAD{i}]" for i, t in enumerate(tokens)]
+    w.add_tokenizer_model("gpt2")
+    w.add_tokenizer_pre("gpt2")
+    w.add_token_list(tokens)
+    w.add_token_types([3 if t in special or t.startswith("[PAD") else 1 for t in tokens])
+    w.add_token_merges([m if isinstance(m, str) else " ".join(m) for m in tok["model"]["merges"]])
+    w.add_bos_token_id(special["<|im_start|>"])
+    w.add_eos_token_id(special["<|im_end|>"])
+    w.add_add_bos_token(False)
+    w.add_chat_template("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n"
+                        "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+
+
+def write_gguf(model, tokenizer_dir, path):
+    """Returns {hf parameter name: the float32 weight the GGUF file stands for (dequantized, HF row order)}."""
+    cfg = model.config
+    sd = {k: v.detach().numpy().astype(np.float32) for k, v in model.state_dict().items()}
+    w = gguf.GGUFWriter(path, "llama")
+    w.add_block_count(cfg.num_hidden_layers)
+    w.add_context_length(cfg.max_position_embeddings)
+    w.add_embedding_length(cfg.hidden_size)
+    w.add_feed_forward_length(cfg.intermediate_size)
+    w.add_head_count(cfg.num_attention_heads)
+    w.add_head_count_kv(cfg.num_key_value_heads)
+    w.add_rope_freq_base(cfg.rope_parameters["rope_theta"])
+    w.add_layer_norm_rms_eps(cfg.rms_norm_eps)
+    w.add_rope_dimension_count(cfg.head_dim)
+    w.add_vocab_size(cfg.vocab_size)
+    add_tokenizer(w, tokenizer_dir, cfg.vocab_size)
+    expected = {}
+
+    def add(name, hf_name, qtype, heads=None):
+        value = sd[hf_name] if heads is None else permute(sd[hf_name], heads)
+        if qtype in (Q.F32, Q.F16):
+            data = value.astype(np.float32 if qtype == Q.F32 else np.float16)
+            w.add_tensor(name, data)
+            stored = data.astype(np.float32)
+        else:
+            data = gguf.quants.quantize(value, qtype)
+            w.add_tensor(name, data, raw_dtype=qtype)
+            stored = gguf.quants.dequantize(data, qtype)
+        expected[hf_name] = torch.from_numpy(stored if heads is None else unpermute(stored, heads))
+
+    add("token_embd.weight", "model.embed_tokens.weight", Q.Q8_0)
+    add("output_norm.weight", "model.norm.weight", Q.F32)
+    add("output.weight", "lm_head.weight", Q.F16)
+    inv_freq = rope_inv_freq_of(cfg)
+    w.add_tensor("rope_freqs.weight", (inv_freq[0] / inv_freq[1]).numpy().astype(np.float32))
+    for i, qtype in enumerate(LAYER_TYPES):
+        p = f"model.layers.{i}."
+        add(f"blk.{i}.attn_norm.weight", p + "input_layernorm.weight", Q.F32)
+        add(f"blk.{i}.ffn_norm.weight", p + "post_attention_layernorm.weight", Q.F32)
+        add(f"blk.{i}.attn_q.weight", p + "self_attn.q_proj.weight", qtype, cfg.num_attention_heads)
+        add(f"blk.{i}.attn_k.weight", p + "self_attn.k_proj.weight", qtype, cfg.num_key_value_heads)
+        add(f"blk.{i}.attn_v.weight", p + "self_attn.v_proj.weight", qtype)
+        add(f"blk.{i}.attn_output.weight", p + "self_attn.o_proj.weight", qtype)
+        for ours, theirs in (("gate", "gate_proj"), ("up", "up_proj"), ("down", "down_proj")):
+            add(f"blk.{i}.ffn_{ours}.weight", p + f"mlp.{theirs}.weight", qtype)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return expected
+
+
+def rope_inv_freq_of(hf_config):
+    """(plain inv_freq, Llama-3-scaled inv_freq) of a transformers Llama config, through our ModelConfig."""
+    scaled = ModelConfig.from_hf(hf_config.to_dict())
+    return rope_inv_freq(dataclasses.replace(scaled, rope_scaling=None)), rope_inv_freq(scaled)
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory):
+    root = tmp_path_factory.mktemp("gguf")
+    model = make_model("llama", seed=1)
+    save_tokenizer(str(root))
+    path = str(root / "tiny.gguf")
+    expected = write_gguf(model, str(root), path)
+    dequantized = make_model("llama", seed=1)
+    dequantized.load_state_dict({**dequantized.state_dict(), **expected})
+    return {"path": path, "root": str(root), "float": model, "dequantized": dequantized, "expected": expected}
+
+
+def test_native_weights_are_exact(files):
+    m = load_model(files["path"], max_seq_len=32).model
+    exp = files["expected"]
+    assert m.config.rope_scaling is None and m.config.tie_word_embeddings is False
+    for i, qtype in enumerate(LAYER_TYPES):
+        p = f"model.layers.{i}."
+        wqkv = m.layers[i].attn.wqkv
+        assert isinstance(wqkv, QuantizedLinear) and wqkv.weight.bits == 4
+        qkv = torch.cat([exp[p + f"self_attn.{x}_proj.weight"] for x in "qkv"])
+        assert torch.equal(wqkv.weight.dequantize(torch.float32), qkv)
+        gate_up = torch.cat([exp[p + "mlp.gate_proj.weight"], exp[p + "mlp.up_proj.weight"]])
+        assert torch.equal(m.layers[i].mlp.w_in.weight.dequantize(torch.float32), gate_up)
+        assert torch.equal(m.layers[i].mlp.w_out.weight.dequantize(torch.float32), exp[p + "mlp.down_proj.weight"])
+        assert torch.equal(m.layers[i].attn_norm.weight, exp[p + "input_layernorm.weight"])
+    assert torch.equal(m.tok_embeddings.weight, exp["model.embed_tokens.weight"])
+    assert torch.equal(m.output.weight, exp["lm_head.weight"])  # F16 -> float32, exact
+
+
+@torch.inference_mode()
+def test_logits_match_transformers_on_dequantized_weights(files):
+    ids = torch.randint(3, 300, (2, 24))
+    expected = files["dequantized"](ids).logits
+    dense = load_model(files["path"], quant="none", max_seq_len=32).model
+    assert not any(isinstance(mod, QuantizedLinear) for mod in dense.modules())
+    err = (dense(ids) - expected).abs().max() / expected.abs().max()
+    assert err < 1e-4
+    native = load_model(files["path"], max_seq_len=32).model
+    # Same weights; the CPU int4 / int8 kernels round activations to int8 per block of 32 (llama.cpp's scheme):
+    # a few percent on these logits, where a wiring mistake would be ~100%.
+    got = native(ids)
+    assert (got - expected).abs().max() / expected.abs().max() < 0.15
+    assert (got - expected).abs().mean() / expected.abs().mean() < 0.06
+    # and the float model before quantization, within quantization error: as close as the dequantized
+    # weights themselves bring it (plus the activation rounding above)
+    original = files["float"](ids).logits
+    weight_error = (dense(ids) - original).abs().max() / original.abs().max()
+    assert weight_error < 0.5
+    assert (got - original).abs().max() / original.abs().max() < 1.5 * weight_error + 0.05
+
+
+def test_tokenizer_from_metadata_matches_tokenizer_json(files):
+    ours = load_model(files["path"], max_seq_len=8).tokenizer
+    hf = load_hf_tokenizer(files["root"])
+    for text in TEXTS:
+        assert ours.encode(text) == hf.encode(text), text
+        assert ours.decode(ours.encode(text)) == text
+    assert ours.bos_token_id == hf.bos_token_id and ours.eos_token_ids >= {hf.eos_token_id}
+    msgs = [{"role": "user", "content": "hi"}]
+    assert ours.apply_chat_template(msgs) == "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n"
+
+
+def test_bad_magic(tmp_path, files):
+    bad = tmp_path / "bad.gguf"
+    data = open(files["path"], "rb").read()
+    bad.write_bytes(b"GGML" + data[4:])
+    with pytest.raises(CheckpointError, match=r"bad\.gguf: not a GGUF file"):
+        load_model(str(bad))
+
+
+def test_tensor_shorter_than_header(tmp_path, files):
+    cut = tmp_path / "cut.gguf"
+    data = open(files["path"], "rb").read()
+    cut.write_bytes(data[:-100])
+    with pytest.raises(CheckpointError, match=r"cut\.gguf: tensor '.*' .* needs \d+ bytes .* only \d+ bytes"):
+        load_model(str(cut))
+
+
+def test_missing_file(tmp_path):
+    with pytest.raises(FileNotFoundError, match="nothing.gguf"):
+        load_model(str(tmp_path / "nothing.gguf"))
+
+
+# HF name patterns -> llama.cpp names, for float GGUF files of the other architectures (F32: exact).
+GGUF_NAMES = [
+    (r"^(model|transformer)\.(embed_tokens|wte)\.", "token_embd."), (r"^transformer\.wpe\.", "position_embd."),
+    (r"^(model\.norm|transformer\.ln_f)\.", "output_norm."), (r"^lm_head\.", "output."),
+    (r"^(model\.layers|transformer\.h)\.(\d+)\.", r"blk.\2."), (r"(input_layernorm|ln_1)\.", "attn_norm."),
+    (r"(post_attention_layernorm|ln_2)\.", "ffn_norm."), (r"self_attn\.([qkv])_proj\.", r"attn_\1."),
+    (r"(self_attn\.qkv_proj|attn\.c_attn)\.", "attn_qkv."), (r"(self_attn\.o_proj|attn\.c_proj)\.", "attn_output."),
+    (r"self_attn\.([qk])_norm\.", r"attn_\1_norm."), (r"mlp\.gate_proj\.", "ffn_gate."),
+    (r"mlp\.(up_proj|gate_up_proj|c_fc)\.", "ffn_up."), (r"mlp\.(down_proj|c_proj)\.", "ffn_down."),
+]
+CONV1D = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
+
+
+def write_float_gguf(arch, model, tokenizer_dir, path):
+    cfg = model.config
+    w = gguf.GGUFWriter(path, arch)
+    if arch == "gpt2":
+        w.add_block_count(cfg.n_layer)
+        w.add_context_length(cfg.n_positions)
+        w.add_embedding_length(cfg.n_embd)
+        w.add_feed_forward_length(4 * cfg.n_embd)
+        w.add_head_count(cfg.n_head)
+        w.add_layer_norm_eps(cfg.layer_norm_epsilon)
+    else:
+        w.add_block_count(cfg.num_hidden_layers)
+        w.add_context_length(cfg.max_position_embeddings)
+        w.add_embedding_length(cfg.hidden_size)
+        w.add_feed_forward_length(cfg.intermediate_size)
+        w.add_head_count(cfg.num_attention_heads)
+        w.add_head_count_kv(cfg.num_key_value_heads)
+        head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+        w.add_key_length(head_dim)
+        w.add_value_length(head_dim)
+        w.add_rope_freq_base(cfg.rope_parameters["rope_theta"])
+        w.add_rope_dimension_count(head_dim)
+        w.add_layer_norm_rms_eps(cfg.rms_norm_eps)
+    add_tokenizer(w, tokenizer_dir, cfg.vocab_size)
+    for name, value in model.state_dict().items():
+        if name == "lm_head.weight" and cfg.tie_word_embeddings:
+            continue
+        value = value.t() if name.endswith(CONV1D) else value  # llama.cpp stores (out, in)
+        for pattern, repl in GGUF_NAMES:
+            name = re.sub(pattern, repl, name)
+        w.add_tensor(name, value.contiguous().numpy().astype(np.float32))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+
+
+@pytest.mark.parametrize("arch", ["qwen2", "qwen3", "phi3", "gpt2"])
+@torch.inference_mode()
+def test_float_gguf_of_other_architectures(arch, tmp_path):
+    model = make_model(arch)
+    save_tokenizer(str(tmp_path))
+    path = str(tmp_path / f"{arch}.gguf")
+    write_float_gguf(arch, model, str(tmp_path), path)
+    ours = load_model(path, max_seq_len=32).model
+    assert ours.config.arch == arch
+    ids = torch.randint(3, 300, (2, 17))
+    expected = model(ids).logits
+    assert (ours(ids) - expected).abs().max() / expected.abs().max() < 1e-4
+
+
+def test_k_quants_and_bf16_are_dequantized(tmp_path):
+    """Q4_K / Q6_K (no native kernel) come back as float32 equal to gguf.quants' dequantizer; BF16 exactly."""
+    from flashgen.engine.gguf import GGUFFile
+
+    rng = np.random.default_rng(0)
+    rows, cols = 3, 512
+    path = str(tmp_path / "k.gguf")
+    w = gguf.GGUFWriter(path, "llama")
+    blocks = {}
+    for qtype, scale_fields in ((Q.Q4_K, (0, 2)), (Q.Q6_K, (208,))):
+        block, size = gguf.GGML_QUANT_SIZES[qtype]
+        raw = rng.integers(0, 256, (rows, cols // block, size), dtype=np.uint8)
+        for offset in scale_fields:  # valid fp16 super-block scales (random bytes could be inf / NaN)
+            raw[..., offset:offset + 2] = np.frombuffer(np.float16(0.01).tobytes(), np.uint8)
+        blocks[qtype] = raw.reshape(rows, -1)
+        w.add_tensor(qtype.name, blocks[qtype], raw_dtype=qtype)
+    bf16 = torch.randn(rows, cols).to(torch.bfloat16)
+    w.add_tensor("BF16", bf16.view(torch.int16).numpy().view(np.uint8).reshape(rows, -1), raw_dtype=Q.BF16)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    f = GGUFFile(path)
+    for qtype, raw in blocks.items():
+        got = f.get(qtype.name)
+        assert got.dtype == torch.float32 and got.shape == (rows, cols)
+        assert torch.equal(got, torch.from_numpy(gguf.quants.dequantize(raw, qtype)))
+        assert torch.isfinite(got).all()
+    assert torch.equal(f.get("BF16"), bf16.float())

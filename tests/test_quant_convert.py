@@ -1,0 +1,121 @@
+"""Lossless converters: GGUF Q4_0 / Q4_1 / Q8_0 blocks against the gguf package's own dequantization, and
+AWQ / GPTQ tensors against the reference unpacking written here (packing as AutoAWQ / AutoGPTQ store it)."""
+import numpy as np
+import pytest
+import torch
+from gguf import GGMLQuantizationType
+from gguf import quants as gguf_quants
+
+from flashgen.kernels.quant import from_awq, from_gguf, from_gptq
+
+
+@pytest.mark.parametrize("name", ["Q4_0", "Q4_1", "Q8_0"])
+def test_gguf_bit_exact(name):
+    n, k = 7, 160
+    qtype = GGMLQuantizationType[name]
+    w = (np.random.randn(n, k) * np.random.rand(n, 1) * 3).astype(np.float32)
+    raw = gguf_quants.quantize(w, qtype)
+    expect = torch.from_numpy(gguf_quants.dequantize(raw, qtype).astype(np.float32))
+    qw = from_gguf(raw, qtype, (n, k))
+    assert qw.bits == (8 if name == "Q8_0" else 4) and qw.group_size == 32
+    assert torch.equal(qw.dequantize(torch.float32), expect)
+    assert torch.equal(from_gguf(raw.tobytes(), name, (n, k)).dequantize(torch.float32), expect)
+    # and through the CPU kernels' layout
+    if qw.bits == 4:
+        got = torch.ops.flashgen.int4_dequantize(*qw.packed(), 32, n, k, torch.float32)
+    else:
+        got = torch.ops.flashgen.int8_dequantize(*qw.packed(), n, k, torch.float32)
+    assert torch.equal(got, expect)
+
+
+def test_gguf_bad_input():
+    raw = gguf_quants.quantize(np.random.randn(2, 64).astype(np.float32), GGMLQuantizationType.Q4_0)
+    with pytest.raises(ValueError, match="needs 108 bytes, got 72"):
+        from_gguf(raw, "Q4_0", (3, 64))
+    with pytest.raises(ValueError, match="ggml_type"):
+        from_gguf(raw, "Q5_K", (2, 64))
+    with pytest.raises(ValueError, match="multiple of the block size"):
+        from_gguf(raw, "Q4_0", (2, 48))
+
+
+# ---------------------------------------------------------------- AWQ / GPTQ
+def pack_words(codes):
+    """(..., 8c) codes -> int32 (..., c): nibble i of word j holds codes[..., 8j + i]."""
+    c = codes.to(torch.int64).reshape(*codes.shape[:-1], -1, 8)
+    words = sum(c[..., i] << (4 * i) for i in range(8))
+    return (words - ((words >> 31) << 32)).to(torch.int32)  # two's complement into int32
+
+
+def unpack_words(words):
+    shifts = torch.arange(0, 32, 4)
+    return ((words.to(torch.int64).unsqueeze(-1) >> shifts) & 0xF).reshape(*words.shape[:-1], -1)
+
+
+AWQ_PACK = [0, 2, 4, 6, 1, 3, 5, 7]  # AutoAWQ packs column 8c + AWQ_PACK[i] into nibble i
+AWQ_REVERSE = [0, 4, 1, 5, 2, 6, 3, 7]  # and unpacks with this permutation
+
+
+def random_zero_point(k, n, g):
+    q = torch.randint(0, 16, (k, n))
+    z = torch.randint(0, 16, (k // g, n))
+    s = (torch.rand(k // g, n) * 0.02 + 1e-3).half()
+    return q, z, s
+
+
+def reference_dequant(q, z, s, g):
+    """w (N, K) = ((q - z) * s)^T, exactly (float64) and as the fp16 kernels compute it."""
+    z_full, s_full = z.repeat_interleave(g, 0), s.repeat_interleave(g, 0)
+    exact = ((q - z_full).double() * s_full.double()).t()
+    fp16 = ((q - z_full).half() * s_full).t()
+    return exact, fp16
+
+
+@pytest.mark.parametrize("g", [32, 64, 128])
+def test_awq_bit_exact(g):
+    k, n = 2 * g, 40
+    q, z, s = random_zero_point(k, n, g)
+    qweight = pack_words(q[:, torch.tensor(AWQ_PACK).repeat(n // 8) + torch.arange(n // 8).repeat_interleave(8) * 8])
+    qzeros = pack_words(z[:, torch.tensor(AWQ_PACK).repeat(n // 8) + torch.arange(n // 8).repeat_interleave(8) * 8])
+    # the reference unpacking (AutoAWQ's): nibbles in order, then the reverse permutation per 8 columns
+    order = (torch.arange(n).view(-1, 8)[:, AWQ_REVERSE]).reshape(-1)
+    q_ref, z_ref = unpack_words(qweight)[:, order], unpack_words(qzeros)[:, order]
+    assert torch.equal(q_ref, q) and torch.equal(z_ref, z)
+    exact, fp16 = reference_dequant(q_ref, z_ref, s, g)
+    qw = from_awq(qweight, qzeros, s)
+    assert qw.shape == (n, k) and qw.group_size == g
+    assert torch.equal(qw.dequantize(torch.float64), exact)
+    assert torch.equal(qw.dequantize(torch.float16), fp16)
+
+
+@pytest.mark.parametrize("zero_plus_one", [True, False])
+def test_gptq_bit_exact(zero_plus_one):
+    g, k, n = 64, 256, 24
+    q, z, s = random_zero_point(k, n, g)
+    stored_z = (z - 1).clamp(min=0) if zero_plus_one else z
+    z = stored_z + 1 if zero_plus_one else z
+    qweight = pack_words(q.t()).t().contiguous()  # (K//8, N): sequential nibbles along K
+    qzeros = pack_words(stored_z)  # (K//g, N//8): sequential along N
+    # reference unpacking (AutoGPTQ's): shift-and-mask, +1 on the zeros of "gptq" (v1) checkpoints
+    q_ref = unpack_words(qweight.t()).t()
+    z_ref = unpack_words(qzeros) + (1 if zero_plus_one else 0)
+    assert torch.equal(q_ref, q) and torch.equal(z_ref, z)
+    exact, fp16 = reference_dequant(q_ref, z_ref, s, g)
+    g_idx = (torch.arange(k) // g).to(torch.int32)
+    qw = from_gptq(qweight, qzeros, s, g_idx, zero_plus_one=zero_plus_one)
+    assert torch.equal(qw.dequantize(torch.float64), exact)
+    assert torch.equal(qw.dequantize(torch.float16), fp16)
+    # through the CPU layout too
+    assert torch.equal(torch.ops.flashgen.int4_dequantize(*qw.packed(), g, n, k, torch.float64), exact)
+
+
+def test_gptq_refuses_act_order_and_bad_groups():
+    g, k, n = 32, 128, 8
+    q, z, s = random_zero_point(k, n, g)
+    qweight, qzeros = pack_words(q.t()).t().contiguous(), pack_words(z)
+    g_idx = (torch.arange(k) // g).to(torch.int32)[torch.randperm(k)]
+    with pytest.raises(ValueError, match="act-order"):
+        from_gptq(qweight, qzeros, s, g_idx)
+    with pytest.raises(ValueError, match="group size 16"):
+        from_gptq(qweight, pack_words(torch.randint(0, 16, (k // 16, n))), torch.rand(k // 16, n).half())
+    with pytest.raises(TypeError, match="int32"):
+        from_awq(qweight.to(torch.int64), qzeros, s)
