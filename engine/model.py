@@ -49,11 +49,19 @@ def rope_inv_freq(config: ModelConfig):
 
 
 def apply_rope(x, cos, sin):
-    """x (B, T, H, D); cos, sin (B, T, 1, rotary_dim / 2) float32. Rotates the first rotary_dim features."""
-    half = cos.shape[-1]
-    x1, x2, rest = x[..., :half].float(), x[..., half:2 * half].float(), x[..., 2 * half:]
-    rotated = torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1).to(x.dtype)
-    return torch.cat((rotated, rest), dim=-1) if rest.shape[-1] else rotated
+    """x (B, T, H, D); cos, sin (B, T, 1, rotary_dim) float32 from `rope_tables`. With x1, x2 the two halves of
+    the first rotary_dim features: (x1, x2) -> (x1 cos - x2 sin, x2 cos + x1 sin), i.e. x * cos + swap(x) * sin
+    where sin carries the minus sign on its first half. Few ops, because decode calls this once per layer."""
+    r = cos.shape[-1]
+    xr = x[..., :r].float()
+    rotated = torch.addcmul(xr * cos, xr.unflatten(-1, (2, r // 2)).flip(-2).flatten(-2), sin).to(x.dtype)
+    return torch.cat((rotated, x[..., r:]), dim=-1) if r < x.shape[-1] else rotated
+
+
+def rope_tables(angles):
+    """cos and sign-folded sin tables for apply_rope from angles (B, T, rotary_dim / 2)."""
+    cos, sin = angles.cos(), angles.sin()
+    return torch.cat((cos, cos), -1).unsqueeze(2), torch.cat((-sin, sin), -1).unsqueeze(2)
 
 
 class Norm(nn.Module):
@@ -98,7 +106,9 @@ class Attention(nn.Module):
         if self.q_norm is not None:
             q, k = self.q_norm(q)[0], self.k_norm(k)[0]
         if rope is not None:
-            q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+            # q and k rotate together: one set of ops per layer instead of two.
+            qk = apply_rope(torch.cat((q, k), dim=2), *rope)
+            q, k = qk.split([c.num_heads, c.num_kv_heads], dim=2)
         if cache is None:
             o = flash_attn_func(q, k, v, causal=True, window_size=self.window)
         else:
@@ -189,7 +199,7 @@ class Transformer(nn.Module):
         if self.pos_embeddings is not None:
             return h + self.pos_embeddings(positions), None
         angles = positions.unsqueeze(-1).float() * self.inv_freq  # (B, T, rotary_dim / 2)
-        return h, (angles.cos().unsqueeze(2), angles.sin().unsqueeze(2))
+        return h, rope_tables(angles)
 
     def _logits(self, h, residual):
         return self.output(self.norm(h, residual)[0]).float()
