@@ -2,7 +2,9 @@
 
 - `register()` makes the family's launch wrappers the CUDA kernels of its flashgen ops;
 - `aot_specs()` lists every kernel variant (each autotune config) for the static GPU check
-  (benchmarks/gpu_static.py), which AOT-compiles them for sm_80/sm_90 without a GPU.
+  (benchmarks/gpu_static.py), which AOT-compiles them for sm_80/sm_90 without a GPU: dicts with "name", "fn",
+  "signature", "constexprs", "num_warps", "num_stages" and "attrs" (the divisibility-by-16 facts a real launch
+  specializes on; without them large tiles compile to a different, spilling variant).
 
 Under TRITON_INTERPRET=1 the same launch wrappers run on CPU tensors: that is how tests check them here.
 """
