@@ -25,6 +25,7 @@ from torch import nn
 from flashgen.kernels import flash_attn_func, flash_attn_with_kvcache
 from flashgen.kernels.norm import layer_norm, rms_norm
 
+from . import cpu_decoder
 from .config import ModelConfig
 from .kv_cache import KVCache
 
@@ -150,7 +151,14 @@ class Block(nn.Module):
 
 
 class Transformer(nn.Module):
-    """Decoder with a static KV cache. See ENGINE_API: setup_cache, reset, prefill, decode, forward."""
+    """Decoder with a static KV cache. See ENGINE_API: setup_cache, reset, prefill, decode, forward.
+
+    On the CPU, `decode` runs the C++ step of engine/cpu_decoder.py when the model fits it (cpp_decode = False
+    forces the Python layers). The step is built on the first decode after setup_cache, over the weights
+    present then: call setup_cache again after replacing layers.
+    """
+
+    cpp_decode = True
 
     def __init__(self, config: ModelConfig):
         super().__init__()
@@ -164,6 +172,7 @@ class Transformer(nn.Module):
         self.register_buffer("inv_freq", None if c.learned_positions else rope_inv_freq(c), persistent=False)
         self.cache = None
         self.batch_size = 0
+        self._cpp_step = None
 
     # ------------------------------------------------------------ cache
     def setup_cache(self, max_batch_size, max_seq_len):
@@ -176,6 +185,7 @@ class Transformer(nn.Module):
         self.cache = KVCache(c.num_layers, max_batch_size, max_seq_len, c.num_kv_heads, c.head_dim, weight.dtype,
                              weight.device)
         self.batch_size = 0
+        self._cpp_step = None
 
     def reset(self, batch_size=None):
         """Empty the cache (all lengths 0) and make `batch_size` (default: all rows) the active batch."""
@@ -249,6 +259,11 @@ class Transformer(nn.Module):
         b = tokens.shape[0]
         if b != self.batch_size:
             raise ValueError(f"decode got {b} tokens but the active batch (from prefill / reset) is {self.batch_size}")
+        if self.cpp_decode and tokens.is_cpu:
+            if self._cpp_step is None:
+                self._cpp_step = cpu_decoder.build(self) or False
+            if self._cpp_step:
+                return self._cpp_step(tokens.reshape(b).long())
         seqlens = self.cache.seqlens[:b]
         positions = seqlens.long().unsqueeze(1)
         h, rope = self._embed(tokens.reshape(b, 1), positions)
@@ -257,6 +272,10 @@ class Transformer(nn.Module):
             h, residual = layer(h, residual, rope, self.cache.layer(i), seqlens)
         seqlens.add_(1)
         return self._logits(h, residual).squeeze(1)
+
+    def _apply(self, fn, recurse=True):
+        self._cpp_step = None  # the step holds the old tensors
+        return super()._apply(fn, recurse)
 
     def _check_positions(self, t):
         if self.pos_embeddings is not None and t > self.config.max_position_embeddings:

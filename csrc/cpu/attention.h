@@ -148,4 +148,14 @@ std::vector<Seq> sequences(const at::Tensor& q, const at::Tensor& k, const std::
 // Common input checks of the prefill ops (shapes, dtypes, devices, head dims, GQA).
 void check_qkv(const char* op, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, bool varlen);
 
+// flashgen::flash_attn_kvcache on CPU (attention_decode.cpp): checks its inputs, writes k / v into the caches
+// at cache_seqlens, returns (out, lse). Called directly by the decoder step.
+std::tuple<at::Tensor, at::Tensor> flash_attn_kvcache(const at::Tensor& q, const at::Tensor& k_cache,
+                                                      const at::Tensor& v_cache, const std::optional<at::Tensor>& k,
+                                                      const std::optional<at::Tensor>& v,
+                                                      const at::Tensor& cache_seqlens,
+                                                      const std::optional<at::Tensor>& block_table,
+                                                      double softmax_scale, bool causal, int64_t window_left,
+                                                      int64_t window_right, double softcap, int64_t num_splits);
+
 }  // namespace flashgen::cpu::attn

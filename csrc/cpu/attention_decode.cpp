@@ -108,6 +108,8 @@ int64_t pick_splits(int64_t num_splits, int64_t tasks, int64_t max_len) {
   return std::clamp<int64_t>(want, 1, std::max<int64_t>(1, (max_len + 4 * kBlockK - 1) / (4 * kBlockK)));
 }
 
+}  // namespace
+
 std::tuple<at::Tensor, at::Tensor> flash_attn_kvcache(const at::Tensor& q_in, const at::Tensor& k_cache,
                                                       const at::Tensor& v_cache, const std::optional<at::Tensor>& k,
                                                       const std::optional<at::Tensor>& v,
@@ -201,8 +203,6 @@ std::tuple<at::Tensor, at::Tensor> flash_attn_kvcache(const at::Tensor& q_in, co
   });
   return {out, lse};
 }
-
-}  // namespace
 
 TORCH_LIBRARY_IMPL(flashgen, CPU, m) { m.impl("flash_attn_kvcache", &flash_attn_kvcache); }
 

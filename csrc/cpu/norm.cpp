@@ -20,6 +20,7 @@
 #include <vector>
 
 #include "cpu/cpu_features.h"
+#include "cpu/norm.h"
 
 
 namespace flashgen::cpu {
@@ -323,6 +324,16 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_norm_bwd(
 }
 
 }  // namespace
+
+float rms_norm_row(const float* x, const float* r, float* h, float* y, const float* w, float eps, int64_t n) {
+  return (use_avx512() ? avx512::rms_fwd_row<float> : avx2::rms_fwd_row<float>)(x, r, h, y, w, 0.0f, eps, n);
+}
+
+void layer_norm_row(const float* x, const float* r, float* h, float* y, const float* w, const float* b, float eps,
+                    int64_t n) {
+  float mean, rstd;
+  (use_avx512() ? avx512::ln_fwd_row<float> : avx2::ln_fwd_row<float>)(x, r, h, y, w, b, eps, n, &mean, &rstd);
+}
 
 TORCH_LIBRARY_IMPL(flashgen, CPU, m) {
   m.impl("rms_norm_fwd", &rms_norm_fwd);

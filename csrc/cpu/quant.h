@@ -19,6 +19,7 @@
 #include <ATen/ATen.h>
 
 #include <cstdint>
+#include <vector>
 
 namespace flashgen::cpu::quant {
 
@@ -41,6 +42,11 @@ struct QuantActs {
   int64_t a_stride, d_stride, xsum_stride;
 };
 
+// Rows of float32 activations x (m, k) quantized into caller buffers a (m, Kb*32), d (m, d_cols) and, for
+// group > 0, xsum (m, k / group). per_row: one scale per row (W8A8), copied to all d_cols; else one per block.
+QuantActs quantize_acts_into(const float* x, int64_t m, int64_t k, int64_t d_cols, bool per_row, int64_t group,
+                             int8_t* a, float* d, float* xsum);
+
 // out (M, N) float32 = activations x packed weights, by the AVX-512 VNNI kernel or the AVX2 one.
 // blocks_per_group: int4 g/32. int8: scale_blocks is the Kb of the packed scales (1 = per channel), and
 // whole_row says the activation scale is one per row (W8A8): the kernel then accumulates the whole row in int32.
@@ -48,5 +54,36 @@ void int4_gemm(const QuantActs& x, int64_t m, const uint8_t* w, const float* sca
                int64_t n, int64_t kb, int64_t blocks_per_group, float* out, bool vnni);
 void int8_gemm(const QuantActs& x, int64_t m, const int8_t* w, const float* scales, int64_t scale_blocks,
                int64_t n, int64_t kb, bool whole_row, float* out, bool vnni);
+bool use_vnni();  // AVX-512 VNNI present and not disabled by FLASHGEN_QUANT_ISA=avx2
+
+// Input checks shared by the ops and the decoder step (TORCH_CHECK with `op` in the message); k, n are the
+// in / out features. check_int8_packed returns the scale blocks (1 = per channel).
+void check_int4_packed(const char* op, const at::Tensor& qweight, const at::Tensor& scales, const at::Tensor& offsets,
+                       int64_t k, int64_t n, int64_t group_size);
+int64_t check_int8_packed(const char* op, const at::Tensor& qweight, const at::Tensor& scales, int64_t k, int64_t n);
+void check_bias(const at::Tensor& bias, int64_t n, const char* op);
+
+// Buffers for the quantized activations, grown on demand and reused across calls.
+class ActScratch {
+ public:
+  int8_t* a(int64_t m, int64_t k) { return grow(a_, m * blocks(k) * kBlock); }
+  float* d(int64_t count) { return grow(d_, count); }
+  float* xsum(int64_t count) { return grow(xsum_, count); }
+
+ private:
+  template <class T>
+  static T* grow(std::vector<T>& v, int64_t count) {
+    if (int64_t(v.size()) < count) v.resize(count);
+    return v.data();
+  }
+  std::vector<int8_t> a_;
+  std::vector<float> d_, xsum_;
+};
+
+// y (m, n) float32 = x (m, k) W^T for checked prepacked weights (no bias), with float32 rows x.
+void int4_linear_rows(const float* x, int64_t m, int64_t k, const at::Tensor& qweight, const at::Tensor& scales,
+                      const at::Tensor& offsets, int64_t group_size, int64_t n, float* y, ActScratch& scratch);
+void int8_linear_rows(const float* x, int64_t m, int64_t k, const at::Tensor& qweight, const at::Tensor& scales,
+                      int64_t n, bool dynamic, float* y, ActScratch& scratch);
 
 }  // namespace flashgen::cpu::quant

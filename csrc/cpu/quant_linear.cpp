@@ -25,7 +25,6 @@
 #include "cpu/quant.h"
 
 namespace flashgen::cpu::quant {
-namespace {
 
 // FLASHGEN_QUANT_ISA=avx2 forces the AVX2 kernels on an AVX-512 machine (tests cover both paths).
 bool use_vnni() {
@@ -33,8 +32,7 @@ bool use_vnni() {
   return has_avx512_vnni() && !(isa && std::strcmp(isa, "avx2") == 0);
 }
 
-// Largest K whose whole-row int32 sum cannot overflow: |a w| <= 127 * 128 per product.
-constexpr int64_t kMaxWholeRowK = (int64_t{1} << 31) / (127 * 128) - kBlock;
+namespace {
 
 void quantize_span(const float* x, int64_t len, int8_t* a, float* d) {
   float amax = 0.f;
@@ -44,28 +42,17 @@ void quantize_span(const float* x, int64_t len, int8_t* a, float* d) {
   *d = amax / 127.f;
 }
 
-// Per-row buffers of quantized activations; `per_row` quantizes each row with one scale (W8A8), copied
-// to every block; otherwise one scale per block of 32. `group` > 0 also fills the int4 group sums of d * a.
-struct ActBuffers {
-  at::Tensor a, d, xsum;
-  QuantActs view;
-};
+}  // namespace
 
-ActBuffers quantize_acts(const at::Tensor& x, int64_t kb, int64_t d_cols, bool per_row, int64_t group) {
-  const int64_t m = x.size(0), k = x.size(1);
-  ActBuffers buf;
-  buf.a = at::zeros({m, kb * kBlock}, x.options().dtype(at::kChar));
-  buf.d = at::empty({m, d_cols}, x.options());
-  buf.xsum = at::empty({m, group > 0 ? k / group : 0}, x.options());
-  const float* xp = x.data_ptr<float>();
-  int8_t* ap = buf.a.data_ptr<int8_t>();
-  float* dp = buf.d.data_ptr<float>();
-  float* sp = buf.xsum.data_ptr<float>();
+QuantActs quantize_acts_into(const float* x, int64_t m, int64_t k, int64_t d_cols, bool per_row, int64_t group,
+                             int8_t* a, float* d, float* xsum) {
+  const int64_t kb = blocks(k), groups = group > 0 ? k / group : 0;
   at::parallel_for(0, m, std::max<int64_t>(1, (int64_t{1} << 16) / k), [&](int64_t r0, int64_t r1) {
     for (int64_t r = r0; r < r1; ++r) {
-      const float* xr = xp + r * k;
-      int8_t* ar = ap + r * kb * kBlock;
-      float* dr = dp + r * d_cols;
+      const float* xr = x + r * k;
+      int8_t* ar = a + r * kb * kBlock;
+      float* dr = d + r * d_cols;
+      std::fill(ar + k, ar + kb * kBlock, int8_t{0});  // the kernels read whole blocks
       if (per_row) {
         quantize_span(xr, k, ar, dr);
         std::fill(dr + 1, dr + d_cols, dr[0]);
@@ -74,20 +61,24 @@ ActBuffers quantize_acts(const at::Tensor& x, int64_t kb, int64_t d_cols, bool p
           quantize_span(xr + b * kBlock, std::min(kBlock, k - b * kBlock), ar + b * kBlock, dr + b);
       }
       // sum of the quantized activations over each weight group (see the file comment)
-      for (int64_t i = 0; group > 0 && i < k / group; ++i) {
+      for (int64_t i = 0; i < groups; ++i) {
         double s = 0;
         for (int64_t b = i * group / kBlock; b < (i + 1) * group / kBlock; ++b) {
           int32_t sa = 0;
           for (int64_t j = 0; j < kBlock; ++j) sa += ar[b * kBlock + j];
           s += static_cast<double>(dr[b]) * sa;
         }
-        sp[r * (k / group) + i] = static_cast<float>(s);
+        xsum[r * groups + i] = static_cast<float>(s);
       }
     }
   });
-  buf.view = {ap, dp, sp, kb * kBlock, d_cols, k / std::max<int64_t>(group, 1)};
-  return buf;
+  return {a, d, xsum, kb * kBlock, d_cols, std::max<int64_t>(groups, 1)};
 }
+
+namespace {
+
+// Largest K whose whole-row int32 sum cannot overflow: |a w| <= 127 * 128 per product.
+constexpr int64_t kMaxWholeRowK = (int64_t{1} << 31) / (127 * 128) - kBlock;
 
 void check_x(const at::Tensor& x, const char* op) {
   TORCH_CHECK(x.device().is_cpu(), op, ": x must be a CPU tensor, got ", x.device());
@@ -109,9 +100,7 @@ void check_packed(const at::Tensor& t, const char* op, const char* name, at::Sca
 at::Tensor finish(at::Tensor y, const at::Tensor& x, const std::optional<at::Tensor>& bias, int64_t n,
                   const char* op) {
   if (bias.has_value()) {
-    TORCH_CHECK(bias->device().is_cpu() && bias->dim() == 1 && bias->size(0) == n && bias->is_floating_point(), op,
-                ": bias must be a 1-D floating CPU tensor of out_features = ", n, " elements, got ", bias->sizes(),
-                " ", bias->scalar_type(), " on ", bias->device());
+    check_bias(*bias, n, op);
     y.add_(bias->to(at::kFloat));
   }
   auto shape = x.sizes().vec();
@@ -121,36 +110,23 @@ at::Tensor finish(at::Tensor y, const at::Tensor& x, const std::optional<at::Ten
 
 at::Tensor flat_float(const at::Tensor& x) { return x.reshape({-1, x.size(-1)}).to(at::kFloat).contiguous(); }
 
-at::Tensor int4_linear_cpu(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& scales,
-                           const at::Tensor& offsets, int64_t group_size, int64_t out_features,
-                           const std::optional<at::Tensor>& bias) {
-  const char* op = "flashgen::int4_linear";
-  check_x(x, op);
+}  // namespace
+
+void check_int4_packed(const char* op, const at::Tensor& qweight, const at::Tensor& scales, const at::Tensor& offsets,
+                       int64_t k, int64_t n, int64_t group_size) {
   TORCH_CHECK(group_size == 32 || group_size == 64 || group_size == 128, op,
               ": group_size must be 32, 64 or 128, got ", group_size);
-  const int64_t k = x.size(-1), n = out_features;
   TORCH_CHECK(n > 0, op, ": out_features must be positive, got ", n);
   TORCH_CHECK(k > 0 && k % group_size == 0, op, ": in_features (x.size(-1) = ", k,
               ") must be a positive multiple of group_size ", group_size);
-  const int64_t kb = k / kBlock, groups = k / group_size;
-  check_packed(qweight, op, "qweight", at::kByte, {tiles(n), kb, kInt4TileBytes});
+  const int64_t groups = k / group_size;
+  check_packed(qweight, op, "qweight", at::kByte, {tiles(n), k / kBlock, kInt4TileBytes});
   check_packed(scales, op, "scales", at::kFloat, {tiles(n), groups, kTileRows});
   check_packed(offsets, op, "offsets", at::kFloat, {tiles(n), groups, kTileRows});
-  const at::Tensor xf = flat_float(x);
-  const int64_t m = xf.size(0);
-  at::Tensor y = at::empty({m, n}, xf.options());
-  if (m > 0) {
-    ActBuffers acts = quantize_acts(xf, kb, kb, false, group_size);
-    int4_gemm(acts.view, m, qweight.data_ptr<uint8_t>(), scales.data_ptr<float>(), offsets.data_ptr<float>(), n, kb,
-              group_size / kBlock, y.data_ptr<float>(), use_vnni());
-  }
-  return finish(y, x, bias, n, op);
 }
 
-at::Tensor int8_linear_impl(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& scales,
-                            int64_t out_features, const std::optional<at::Tensor>& bias, bool dynamic, const char* op) {
-  check_x(x, op);
-  const int64_t k = x.size(-1), n = out_features, kb = blocks(k);
+int64_t check_int8_packed(const char* op, const at::Tensor& qweight, const at::Tensor& scales, int64_t k, int64_t n) {
+  const int64_t kb = blocks(k);
   TORCH_CHECK(n > 0 && k > 0, op, ": in_features (x.size(-1) = ", k, ") and out_features (", n,
               ") must be positive");
   check_packed(qweight, op, "qweight", at::kChar, {tiles(n), kb, kInt8TileBytes});
@@ -160,16 +136,61 @@ at::Tensor int8_linear_impl(const at::Tensor& x, const at::Tensor& qweight, cons
   TORCH_CHECK(sblocks == 1 || k % kBlock == 0, op, ": per-block scales need in_features (", k,
               ") to be a multiple of 32");
   check_packed(scales, op, "scales", at::kFloat, {tiles(n), sblocks, kTileRows});
+  return sblocks;
+}
+
+void check_bias(const at::Tensor& bias, int64_t n, const char* op) {
+  TORCH_CHECK(bias.device().is_cpu() && bias.dim() == 1 && bias.size(0) == n && bias.is_floating_point(), op,
+              ": bias must be a 1-D floating CPU tensor of out_features = ", n, " elements, got ", bias.sizes(), " ",
+              bias.scalar_type(), " on ", bias.device());
+}
+
+void int4_linear_rows(const float* x, int64_t m, int64_t k, const at::Tensor& qweight, const at::Tensor& scales,
+                      const at::Tensor& offsets, int64_t group_size, int64_t n, float* y, ActScratch& scratch) {
+  if (m == 0) return;
+  const QuantActs acts = quantize_acts_into(x, m, k, blocks(k), false, group_size, scratch.a(m, k),
+                                            scratch.d(m * blocks(k)), scratch.xsum(m * (k / group_size)));
+  int4_gemm(acts, m, qweight.data_ptr<uint8_t>(), scales.data_ptr<float>(), offsets.data_ptr<float>(), n, blocks(k),
+            group_size / kBlock, y, use_vnni());
+}
+
+void int8_linear_rows(const float* x, int64_t m, int64_t k, const at::Tensor& qweight, const at::Tensor& scales,
+                      int64_t n, bool dynamic, float* y, ActScratch& scratch) {
+  if (m == 0) return;
+  const int64_t kb = blocks(k), sblocks = scales.size(1);
+  const bool whole_row = dynamic && sblocks == 1 && k <= kMaxWholeRowK;
+  const int64_t d_cols = whole_row ? 1 : kb;
+  const QuantActs acts = quantize_acts_into(x, m, k, d_cols, dynamic, 0, scratch.a(m, k), scratch.d(m * d_cols),
+                                            nullptr);
+  int8_gemm(acts, m, qweight.data_ptr<int8_t>(), scales.data_ptr<float>(), sblocks, n, kb, whole_row, y, use_vnni());
+}
+
+namespace {
+
+at::Tensor int4_linear_cpu(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& scales,
+                           const at::Tensor& offsets, int64_t group_size, int64_t out_features,
+                           const std::optional<at::Tensor>& bias) {
+  const char* op = "flashgen::int4_linear";
+  check_x(x, op);
+  check_int4_packed(op, qweight, scales, offsets, x.size(-1), out_features, group_size);
   const at::Tensor xf = flat_float(x);
-  const int64_t m = xf.size(0);
-  at::Tensor y = at::empty({m, n}, xf.options());
-  if (m > 0) {
-    const bool whole_row = dynamic && sblocks == 1 && k <= kMaxWholeRowK;
-    ActBuffers acts = quantize_acts(xf, kb, whole_row ? 1 : kb, dynamic, 0);
-    int8_gemm(acts.view, m, qweight.data_ptr<int8_t>(), scales.data_ptr<float>(), sblocks, n, kb, whole_row,
-              y.data_ptr<float>(), use_vnni());
-  }
-  return finish(y, x, bias, n, op);
+  at::Tensor y = at::empty({xf.size(0), out_features}, xf.options());
+  ActScratch scratch;
+  int4_linear_rows(xf.data_ptr<float>(), xf.size(0), xf.size(1), qweight, scales, offsets, group_size, out_features,
+                   y.data_ptr<float>(), scratch);
+  return finish(y, x, bias, out_features, op);
+}
+
+at::Tensor int8_linear_impl(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& scales,
+                            int64_t out_features, const std::optional<at::Tensor>& bias, bool dynamic, const char* op) {
+  check_x(x, op);
+  check_int8_packed(op, qweight, scales, x.size(-1), out_features);
+  const at::Tensor xf = flat_float(x);
+  at::Tensor y = at::empty({xf.size(0), out_features}, xf.options());
+  ActScratch scratch;
+  int8_linear_rows(xf.data_ptr<float>(), xf.size(0), xf.size(1), qweight, scales, out_features, dynamic,
+                   y.data_ptr<float>(), scratch);
+  return finish(y, x, bias, out_features, op);
 }
 
 at::Tensor int8_linear_cpu(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& scales,

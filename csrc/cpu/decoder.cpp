@@ -1,0 +1,323 @@
+// The decode step of engine/model.py's Transformer as one C++ call: torch.classes.flashgen.CpuDecoder.
+//
+// A batch-1 decode step runs ~10 small kernels per layer; from Python each costs microseconds of dispatch,
+// argument checks and allocations, more than the kernels themselves on a small model. Here the same
+// computation walks the layers over preallocated float32 buffers and calls the kernels of flashgen's CPU
+// ops directly (quant.h, norm.h, attention.h): per layer
+//   x = norm(h + r) (r <- h + r),  q, k, v = split(x Wqkv^T)  [q, k RMSNorm per head],  rope(q, k),
+//   o = attention over the KV cache with k, v appended at cache_seqlens,  h = o Wo^T,
+//   x = norm(h + r) (r <- h + r),  h = act(x Win^T [gate]) [* up] Wout^T,
+// then logits = norm(h + r) Whead^T, and cache_seqlens += 1. The weights and the cache are the model's own
+// tensors (shared, not copied), checked once when the decoder is built.
+#include <ATen/ATen.h>
+#include <torch/custom_class.h>
+#include <torch/library.h>
+
+#include <cmath>
+#include <string>
+
+#include "cpu/attention.h"
+#include "cpu/norm.h"
+#include "cpu/quant.h"
+
+namespace flashgen::cpu {
+namespace {
+
+constexpr const char* kOp = "flashgen.CpuDecoder";
+
+bool given(const at::Tensor& t) { return t.defined() && t.numel() > 0; }
+
+void check_f32(const at::Tensor& t, const char* name, at::IntArrayRef shape) {
+  TORCH_CHECK(t.device().is_cpu() && t.scalar_type() == at::kFloat && t.is_contiguous() && t.sizes().equals(shape),
+              kOp, ": ", name, " must be a contiguous float32 CPU tensor of shape ", shape, ", got ", t.scalar_type(),
+              " ", t.sizes(), " on ", t.device());
+}
+
+// y = x W^T + b over float32 rows; W float32 (out, in) or prepacked int4 / int8 (quant.h), b float32.
+struct CpuLinear : torch::CustomClassHolder {
+  int64_t bits, in, out, group;
+  bool dynamic;
+  std::vector<at::Tensor> w;  // float: {W}; int4: {qweight, scales, offsets}; int8: {qweight, scales}
+  at::Tensor bias;
+
+  CpuLinear(int64_t bits, bool dynamic, std::vector<at::Tensor> weight, std::optional<at::Tensor> b,
+            int64_t in_features, int64_t out_features, int64_t group_size)
+      : bits(bits), in(in_features), out(out_features), group(group_size), dynamic(dynamic), w(std::move(weight)) {
+    const char* op = "flashgen.CpuLinear";
+    TORCH_CHECK(bits == 0 || bits == 4 || bits == 8, op, ": bits must be 0 (float32), 4 or 8, got ", bits);
+    TORCH_CHECK(!dynamic || bits == 8, op, ": dynamic activation quantization (W8A8) needs 8-bit weights");
+    const size_t want = bits == 0 ? 1 : bits == 4 ? 3 : 2;
+    TORCH_CHECK(w.size() == want, op, ": bits=", bits, " takes ", want, " weight tensors, got ", w.size());
+    if (bits == 0)
+      check_f32(w[0], "a float linear's weight", {out, in});
+    else if (bits == 4)
+      quant::check_int4_packed(op, w[0], w[1], w[2], in, out, group);
+    else
+      quant::check_int8_packed(op, w[0], w[1], in, out);
+    if (b) {
+      quant::check_bias(*b, out, op);
+      bias = b->to(at::kFloat).contiguous();
+    }
+  }
+
+  void run(const float* x, int64_t m, float* y, quant::ActScratch& scratch) const {
+    if (bits == 4) {
+      quant::int4_linear_rows(x, m, in, w[0], w[1], w[2], group, out, y, scratch);
+    } else if (bits == 8) {
+      quant::int8_linear_rows(x, m, in, w[0], w[1], out, dynamic, y, scratch);
+    } else {
+      at::Tensor y_t = at::from_blob(y, {m, out});
+      at::mm_out(y_t, at::from_blob(const_cast<float*>(x), {m, in}), w[0].t());
+    }
+    if (bias.defined()) {
+      const float* b = bias.data_ptr<float>();
+      for (int64_t r = 0; r < m; ++r)
+        for (int64_t j = 0; j < out; ++j) y[r * out + j] += b[j];
+    }
+  }
+};
+using Linear = c10::intrusive_ptr<CpuLinear>;
+
+// RMSNorm or LayerNorm (bias given) of rows of n features, with the residual add fused: r <- x + r, y = norm(r).
+struct Norm {
+  at::Tensor w, b;
+  float eps = 0;
+
+  Norm() = default;
+  Norm(const at::Tensor& weight, const at::Tensor& bias, double eps, int64_t n, const char* name)
+      : w(weight), b(given(bias) ? bias : at::Tensor()), eps(float(eps)) {
+    check_f32(w, name, {n});
+    if (b.defined()) check_f32(b, name, {n});
+  }
+  void operator()(const float* x, float* r, float* y, int64_t n) const {
+    if (b.defined())
+      layer_norm_row(x, r, r, y, w.data_ptr<float>(), b.data_ptr<float>(), eps, n);
+    else
+      rms_norm_row(x, r, r, y, w.data_ptr<float>(), eps, n);
+  }
+};
+
+struct Layer {
+  Norm attn_norm, mlp_norm;
+  at::Tensor q_norm, k_norm;  // per-head RMSNorm weights (Qwen3) or undefined
+  Linear qkv, o, w_in, w_out;
+  at::Tensor k_cache, v_cache;  // this layer's (max_batch, max_seq_len, kv_heads, head_dim) views
+};
+
+enum Activation : int64_t { kSilu = 0, kGelu = 1, kGeluTanh = 2 };
+
+struct CpuDecoder : torch::CustomClassHolder {
+  int64_t hidden, heads, kv_heads, head_dim, rotary_dim, intermediate, vocab, window_left, activation;
+  bool gated;
+  double eps, scale;
+  at::Tensor tok_emb, pos_emb, inv_freq, k_cache, v_cache, seqlens;
+  std::vector<Layer> layers;
+  Norm final_norm;
+  Linear head;
+  // float32 scratch, resized to the batch: h, r, x (B, hidden), qkv (B, q + 2 kv), mlp (B, w_in out),
+  // act (B, intermediate), tmp (a padded intermediate row for the vector exp)
+  std::vector<float> h, r, x, qkv, mlp, act, tmp, rope;
+  quant::ActScratch acts;
+
+  // dims: hidden, heads, kv_heads, head_dim, rotary_dim (0: learned positions), intermediate, vocab,
+  // window_left (-1: none), gated (0 / 1), activation (0 silu, 1 gelu, 2 gelu tanh); floats: eps, softmax scale.
+  // k_cache, v_cache (layers, max_batch, max_seq_len, kv_heads, head_dim) float32, seqlens int32 (max_batch,).
+  CpuDecoder(c10::Dict<std::string, int64_t> dims, c10::Dict<std::string, double> floats, at::Tensor tok_emb,
+             at::Tensor pos_emb, at::Tensor inv_freq, at::Tensor k_cache, at::Tensor v_cache, at::Tensor seqlens)
+      : tok_emb(std::move(tok_emb)), pos_emb(std::move(pos_emb)), inv_freq(std::move(inv_freq)),
+        k_cache(std::move(k_cache)), v_cache(std::move(v_cache)), seqlens(std::move(seqlens)) {
+    auto dim = [&](const char* key) {
+      TORCH_CHECK(dims.contains(key), kOp, ": dims needs the key '", key, "'");
+      return dims.at(key);
+    };
+    hidden = dim("hidden"), heads = dim("heads"), kv_heads = dim("kv_heads"), head_dim = dim("head_dim");
+    rotary_dim = dim("rotary_dim"), intermediate = dim("intermediate"), vocab = dim("vocab");
+    window_left = dim("window_left"), gated = dim("gated") != 0, activation = dim("activation");
+    TORCH_CHECK(floats.contains("eps") && floats.contains("scale"), kOp, ": floats needs 'eps' and 'scale'");
+    eps = floats.at("eps"), scale = floats.at("scale");
+    TORCH_CHECK(hidden > 0 && heads > 0 && kv_heads > 0 && heads % kv_heads == 0 && head_dim > 0 && vocab > 0 &&
+                    intermediate > 0,
+                kOp, ": bad dims (hidden, heads a multiple of kv_heads, head_dim, intermediate, vocab > 0)");
+    TORCH_CHECK(rotary_dim % 2 == 0 && rotary_dim <= head_dim, kOp, ": rotary_dim must be even and <= head_dim");
+    TORCH_CHECK(activation >= kSilu && activation <= kGeluTanh, kOp, ": activation must be 0, 1 or 2");
+    check_f32(this->tok_emb, "tok_emb", {vocab, hidden});
+    if (given(this->pos_emb)) check_f32(this->pos_emb, "pos_emb", {this->pos_emb.size(0), hidden});
+    TORCH_CHECK(given(this->pos_emb) != (rotary_dim > 0), kOp, ": give either learned positions or rotary_dim > 0");
+    if (rotary_dim) check_f32(this->inv_freq, "inv_freq", {rotary_dim / 2});
+    const auto& kc = this->k_cache;
+    TORCH_CHECK(kc.dim() == 5 && kc.size(3) == kv_heads && kc.size(4) == head_dim, kOp,
+                ": k_cache must be (layers, max_batch, max_seq_len, kv_heads, head_dim), got ", kc.sizes());
+    check_f32(kc, "k_cache", kc.sizes());
+    check_f32(this->v_cache, "v_cache", kc.sizes());
+    TORCH_CHECK(this->seqlens.scalar_type() == at::kInt && this->seqlens.dim() == 1 &&
+                    this->seqlens.size(0) == kc.size(1) && this->seqlens.is_contiguous(),
+                kOp, ": seqlens must be a contiguous int32 (max_batch,) tensor");
+  }
+
+  void add_layer(at::Tensor attn_w, at::Tensor attn_b, at::Tensor mlp_w, at::Tensor mlp_b, at::Tensor q_norm,
+                 at::Tensor k_norm, Linear qkv, Linear o, Linear w_in, Linear w_out) {
+    const int64_t l = int64_t(layers.size());
+    TORCH_CHECK(l < k_cache.size(0), kOp, ": the cache holds ", k_cache.size(0), " layers");
+    const int64_t q_size = heads * head_dim, kv_size = kv_heads * head_dim;
+    auto linear = [&](const Linear& lin, int64_t in, int64_t out, const char* name) {
+      TORCH_CHECK(lin->in == in && lin->out == out, kOp, ": layer ", l, " ", name, " must be ", in, " -> ", out,
+                  ", got ", lin->in, " -> ", lin->out);
+    };
+    linear(qkv, hidden, q_size + 2 * kv_size, "qkv");
+    linear(o, q_size, hidden, "o");
+    linear(w_in, hidden, intermediate * (gated ? 2 : 1), "w_in");
+    linear(w_out, intermediate, hidden, "w_out");
+    Layer layer{Norm(attn_w, attn_b, eps, hidden, "attn_norm"), Norm(mlp_w, mlp_b, eps, hidden, "mlp_norm"),
+                at::Tensor(), at::Tensor(), qkv, o, w_in, w_out, k_cache[l], v_cache[l]};
+    TORCH_CHECK(given(q_norm) == given(k_norm), kOp, ": give both q_norm and k_norm or neither");
+    if (given(q_norm)) {
+      check_f32(q_norm, "q_norm", {head_dim});
+      check_f32(k_norm, "k_norm", {head_dim});
+      layer.q_norm = q_norm, layer.k_norm = k_norm;
+    }
+    layers.push_back(std::move(layer));
+  }
+
+  void set_head(at::Tensor norm_w, at::Tensor norm_b, Linear output) {
+    TORCH_CHECK(output->in == hidden && output->out == vocab, kOp, ": the output head must be ", hidden, " -> ",
+                vocab);
+    final_norm = Norm(norm_w, norm_b, eps, hidden, "norm");
+    head = std::move(output);
+  }
+
+  // tokens int64 (B,) at positions seqlens[:B] -> logits float32 (B, vocab); seqlens[:B] += 1.
+  at::Tensor step(const at::Tensor& tokens) {
+    TORCH_CHECK(head && int64_t(layers.size()) == k_cache.size(0), kOp, ": add all ", k_cache.size(0),
+                " layers and the head before step()");
+    TORCH_CHECK(tokens.device().is_cpu() && tokens.scalar_type() == at::kLong && tokens.dim() == 1, kOp,
+                ": tokens must be a 1-D int64 CPU tensor, got ", tokens.scalar_type(), " ", tokens.sizes());
+    const int64_t b = tokens.size(0), max_len = k_cache.size(2);
+    TORCH_CHECK(b <= k_cache.size(1), kOp, ": batch ", b, " exceeds the cache's max_batch ", k_cache.size(1));
+    const at::Tensor tok = tokens.contiguous();
+    const int64_t* tp = tok.data_ptr<int64_t>();
+    int32_t* pos = seqlens.data_ptr<int32_t>();
+    for (int64_t i = 0; i < b; ++i) {
+      TORCH_CHECK(tp[i] >= 0 && tp[i] < vocab, kOp, ": token ", tp[i], " is outside the vocabulary [0, ", vocab, ")");
+      TORCH_CHECK(pos[i] >= 0 && pos[i] < max_len, kOp, ": sequence ", i, " holds ", pos[i],
+                  " tokens: the cache (max_seq_len ", max_len, ") has no room for another");
+      TORCH_CHECK(!given(pos_emb) || pos[i] < pos_emb.size(0), kOp, ": position ", pos[i], " exceeds the model's ",
+                  pos_emb.size(0), " learned positions");
+    }
+    const int64_t q_size = heads * head_dim, kv_size = kv_heads * head_dim, qkv_w = q_size + 2 * kv_size;
+    const int64_t mlp_w = intermediate * (gated ? 2 : 1);
+    for (auto* v : {&h, &r, &x}) v->resize(b * hidden);
+    qkv.resize(b * qkv_w), mlp.resize(b * mlp_w), act.resize(b * intermediate);
+    tmp.assign(attn::round_up(intermediate, attn::kVec), 0.f);
+
+    embed(tp, pos, b);
+    const at::Tensor lens = seqlens.narrow(0, 0, b);
+    for (const Layer& layer : layers) {
+      for (int64_t i = 0; i < b; ++i) layer.attn_norm(&h[i * hidden], &r[i * hidden], &x[i * hidden], hidden);
+      layer.qkv->run(x.data(), b, qkv.data(), acts);
+      if (layer.q_norm.defined()) qk_norm(layer, b, qkv_w);
+      if (rotary_dim) rotate(b, qkv_w);
+      float* base = qkv.data();
+      auto view = [&](float* p, int64_t n_heads) {
+        return at::from_blob(p, {b, 1, n_heads, head_dim}, {qkv_w, qkv_w, head_dim, 1});
+      };
+      const at::Tensor o = std::get<0>(attn::flash_attn_kvcache(
+          view(base, heads), layer.k_cache, layer.v_cache, view(base + q_size, kv_heads),
+          view(base + q_size + kv_size, kv_heads), lens, std::nullopt, scale, true, window_left, 0, 0.0, 0));
+      layer.o->run(o.data_ptr<float>(), b, h.data(), acts);
+      for (int64_t i = 0; i < b; ++i) layer.mlp_norm(&h[i * hidden], &r[i * hidden], &x[i * hidden], hidden);
+      layer.w_in->run(x.data(), b, mlp.data(), acts);
+      activate(b, mlp_w);
+      layer.w_out->run(act.data(), b, h.data(), acts);
+    }
+    for (int64_t i = 0; i < b; ++i) final_norm(&h[i * hidden], &r[i * hidden], &x[i * hidden], hidden);
+    at::Tensor logits = at::empty({b, vocab}, tok_emb.options());
+    head->run(x.data(), b, logits.data_ptr<float>(), acts);
+    for (int64_t i = 0; i < b; ++i) ++pos[i];
+    return logits;
+  }
+
+ private:
+  // h = token embedding (+ learned position), r = 0 so that the first fused norm's r <- h + r is h itself.
+  // With rope, the (cos, sin) of each sequence's angles pos * inv_freq go to `rope`.
+  void embed(const int64_t* tp, const int32_t* pos, int64_t b) {
+    const float* te = tok_emb.data_ptr<float>();
+    const int64_t half = rotary_dim / 2;
+    rope.resize(b * 2 * half);
+    for (int64_t i = 0; i < b; ++i) {
+      float* hi = &h[i * hidden];
+      std::copy_n(te + tp[i] * hidden, hidden, hi);
+      std::fill_n(&r[i * hidden], hidden, 0.f);
+      if (given(pos_emb)) {
+        const float* pe = pos_emb.data_ptr<float>() + int64_t(pos[i]) * hidden;
+        for (int64_t j = 0; j < hidden; ++j) hi[j] += pe[j];
+      }
+      const float* f = inv_freq.defined() && rotary_dim ? inv_freq.data_ptr<float>() : nullptr;
+      for (int64_t j = 0; f && j < half; ++j) {
+        const float angle = float(pos[i]) * f[j];
+        rope[i * 2 * half + j] = std::cos(angle);
+        rope[i * 2 * half + half + j] = std::sin(angle);
+      }
+    }
+  }
+
+  void qk_norm(const Layer& layer, int64_t b, int64_t qkv_w) {
+    for (int64_t i = 0; i < b; ++i)
+      for (int64_t hd = 0; hd < heads + kv_heads; ++hd) {
+        float* p = &qkv[i * qkv_w + hd * head_dim];
+        const at::Tensor& w = hd < heads ? layer.q_norm : layer.k_norm;
+        rms_norm_row(p, nullptr, nullptr, p, w.data_ptr<float>(), float(eps), head_dim);
+      }
+  }
+
+  // The first rotary_dim features of each q and k head, halves (x1, x2) -> (x1 cos - x2 sin, x2 cos + x1 sin).
+  void rotate(int64_t b, int64_t qkv_w) {
+    const int64_t half = rotary_dim / 2;
+    for (int64_t i = 0; i < b; ++i) {
+      const float *c = &rope[i * 2 * half], *s = c + half;
+      for (int64_t hd = 0; hd < heads + kv_heads; ++hd) {
+        float* p = &qkv[i * qkv_w + hd * head_dim];
+        for (int64_t j = 0; j < half; ++j) {
+          const float x1 = p[j], x2 = p[j + half];
+          p[j] = x1 * c[j] - x2 * s[j];
+          p[j + half] = x2 * c[j] + x1 * s[j];
+        }
+      }
+    }
+  }
+
+  // act = a(gate) [* up] with gate, up the two halves of each w_in row (gated) or the whole row.
+  void activate(int64_t b, int64_t mlp_w) {
+    const int64_t n = intermediate;
+    if (activation == kSilu) {
+      // silu(g) = g / (1 + e^-g), e^-g by the attention kernels' vector exp (tmp is padded to its width)
+      for (int64_t i = 0; i < b; ++i) {
+        const float* g = &mlp[i * mlp_w];
+        for (int64_t j = 0; j < n; ++j) tmp[j] = -g[j];
+        attn::simd().exp_sum(tmp.data(), int(tmp.size()), 0.f);
+        float* a = &act[i * n];
+        for (int64_t j = 0; j < n; ++j) a[j] = g[j] / (1.f + tmp[j]) * (gated ? g[n + j] : 1.f);
+      }
+      return;
+    }
+    const at::Tensor rows = at::from_blob(mlp.data(), {b, mlp_w});
+    at::Tensor out = at::from_blob(act.data(), {b, n});
+    at::gelu_out(out, rows.narrow(1, 0, n), activation == kGeluTanh ? "tanh" : "none");
+    if (gated) out.mul_(rows.narrow(1, n, n));
+  }
+};
+
+}  // namespace
+
+TORCH_LIBRARY_FRAGMENT(flashgen, m) {
+  m.class_<CpuLinear>("CpuLinear")
+      .def(torch::init<int64_t, bool, std::vector<at::Tensor>, std::optional<at::Tensor>, int64_t, int64_t,
+                       int64_t>());
+  m.class_<CpuDecoder>("CpuDecoder")
+      .def(torch::init<c10::Dict<std::string, int64_t>, c10::Dict<std::string, double>, at::Tensor, at::Tensor,
+                       at::Tensor, at::Tensor, at::Tensor, at::Tensor>())
+      .def("add_layer", &CpuDecoder::add_layer)
+      .def("set_head", &CpuDecoder::set_head)
+      .def("step", &CpuDecoder::step);
+}
+
+}  // namespace flashgen::cpu

@@ -1,0 +1,62 @@
+"""The C++ decode step for a Transformer on the CPU (torch.classes.flashgen.CpuDecoder, csrc/cpu/decoder.cpp).
+
+A batch-1 decode step of a small model is a few hundred tiny kernels; called one by one from Python their
+dispatch costs more than their work. The C++ step computes the same layers (see Transformer's docstring) in
+one call, on the model's own weights and KV cache buffers (shared, not copied).
+
+`build(model)` returns step(tokens (B,) int64) -> logits float32 (B, V), which also advances the cache
+lengths, or None when the model is outside what the C++ step computes: not float32 on the CPU, or a linear
+that is neither a float32 nn.Linear nor a CPU QuantizedLinear. Transformer.decode falls back to its Python
+layers then.
+"""
+import math
+
+import torch
+from torch import nn
+
+from flashgen.kernels.qlinear import QuantizedLinear
+
+_ACTIVATIONS = {"silu": 0, "gelu": 1, "gelu_tanh": 2}
+_NONE = torch.empty(0)
+
+
+def _linear(module):
+    if isinstance(module, QuantizedLinear):
+        w = module.weight
+        if w.device.type != "cpu":
+            return None
+        return torch.classes.flashgen.CpuLinear(w.bits, module.mode == "int8_dynamic", list(w.packed()), module.bias,
+                                                w.in_features, w.out_features, w.group_size or 0)
+    if isinstance(module, nn.Linear) and module.weight.dtype == torch.float32 and module.weight.is_cpu:
+        return torch.classes.flashgen.CpuLinear(0, False, [module.weight.contiguous()], module.bias,
+                                                module.in_features, module.out_features, 0)
+    return None
+
+
+def _norm(norm):
+    return norm.weight, norm.bias if norm.bias is not None else _NONE
+
+
+def build(model):
+    c, cache = model.config, model.cache
+    emb = model.tok_embeddings.weight
+    if cache is None or emb.dtype != torch.float32 or not emb.is_cpu or cache.k.dtype != torch.float32:
+        return None
+    linears = [[_linear(m) for m in (b.attn.wqkv, b.attn.wo, b.mlp.w_in, b.mlp.w_out)] for b in model.layers]
+    head = _linear(model.output)
+    if head is None or any(lin is None for layer in linears for lin in layer):
+        return None
+    dims = {"hidden": c.hidden_size, "heads": c.num_heads, "kv_heads": c.num_kv_heads, "head_dim": c.head_dim,
+            "rotary_dim": 0 if c.learned_positions else c.rotary_dim, "intermediate": c.intermediate_size,
+            "vocab": c.vocab_size, "window_left": model.layers[0].attn.window[0],
+            "gated": int(c.mlp == "swiglu"), "activation": _ACTIVATIONS[c.activation]}
+    floats = {"eps": float(c.norm_eps), "scale": 1.0 / math.sqrt(c.head_dim)}
+    pos = model.pos_embeddings.weight if model.pos_embeddings is not None else _NONE
+    inv_freq = model.inv_freq if model.inv_freq is not None else _NONE
+    decoder = torch.classes.flashgen.CpuDecoder(dims, floats, emb, pos, inv_freq, cache.k, cache.v, cache.seqlens)
+    for block, (qkv, o, w_in, w_out) in zip(model.layers, linears):
+        attn = block.attn
+        qk = (attn.q_norm.weight, attn.k_norm.weight) if attn.q_norm is not None else (_NONE, _NONE)
+        decoder.add_layer(*_norm(block.attn_norm), *_norm(block.mlp_norm), *qk, qkv, o, w_in, w_out)
+    decoder.set_head(*_norm(model.norm), head)
+    return decoder.step

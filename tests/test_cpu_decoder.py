@@ -1,0 +1,76 @@
+"""The C++ decode step (engine/cpu_decoder.py, csrc/cpu/decoder.cpp) against the model's Python layers.
+
+Both compute the same layers with the same kernels, so float32 models agree to float rounding. With int4 /
+int8 weights the activations are rounded to int8 inside the linears, and a last-bit difference upstream can
+move one rounding: the bound there is looser, and greedy tokens must still agree.
+"""
+import pytest
+import torch
+
+from flashgen.engine.loader import load_model
+from tiny_models import ARCHITECTURES, tiny_models  # noqa: F401
+
+QUANTS = [None, "int4", "int8"]
+
+
+def _load(tiny_models, arch, quant, batch=1):
+    return load_model(tiny_models[arch], quant=quant, max_seq_len=48, max_batch_size=batch).model
+
+
+def _decode_run(model, prompts, lengths, steps, cpp):
+    model.cpp_decode = cpp
+    model._cpp_step = None
+    logits = [model.prefill(prompts, lengths)]
+    for tokens in steps:
+        logits.append(model.decode(tokens))
+    if cpp:
+        assert model._cpp_step, "the C++ step was not used"
+    return torch.stack(logits), model.cache_seqlens.clone()
+
+
+@pytest.mark.parametrize("quant", QUANTS)
+@pytest.mark.parametrize("arch", ARCHITECTURES)
+def test_step_matches_python_layers(tiny_models, arch, quant):
+    model = _load(tiny_models, arch, quant, batch=2)
+    vocab = model.config.vocab_size
+    prompts = torch.randint(0, vocab, (2, 11))
+    lengths = torch.tensor([11, 4])  # uneven: the second sequence decodes at other positions
+    steps = torch.randint(0, vocab, (9, 2))
+    ours, lens = _decode_run(model, prompts, lengths, steps, cpp=True)
+    ref, ref_lens = _decode_run(model, prompts, lengths, steps, cpp=False)
+    assert torch.equal(lens, ref_lens) and lens.tolist() == [20, 13]
+    tol = 2e-5 if quant is None else 3e-2
+    torch.testing.assert_close(ours, ref, atol=tol * ref.abs().max().item(), rtol=0)
+    if quant is None:
+        assert torch.equal(ours.argmax(-1), ref.argmax(-1))
+
+
+def test_step_is_used_for_cpu_float32_only(tiny_models):
+    model = _load(tiny_models, "llama", None)
+    model.reset(1)
+    model.prefill(torch.tensor([[3, 4]]), torch.tensor([2]))
+    model.decode(torch.tensor([5]))
+    assert model._cpp_step
+    model.to(torch.bfloat16)
+    model.setup_cache(1, 16)
+    model.reset(1)
+    model.prefill(torch.tensor([[3, 4]]), torch.tensor([2]))
+    model.decode(torch.tensor([5]))
+    assert model._cpp_step is False  # bfloat16 runs the Python layers
+
+
+def test_step_errors(tiny_models):
+    model = _load(tiny_models, "qwen2", "int4")
+    model.reset(1)
+    model.prefill(torch.tensor([[3, 4]]), torch.tensor([2]))
+    with pytest.raises(RuntimeError, match="outside the vocabulary"):
+        model.decode(torch.tensor([model.config.vocab_size]))
+    model.cache.seqlens[0] = model.cache.max_seq_len
+    with pytest.raises(RuntimeError, match="no room"):
+        model.decode(torch.tensor([5]))
+    with pytest.raises(RuntimeError, match="bits must be 0"):
+        torch.classes.flashgen.CpuLinear(3, False, [torch.zeros(2, 2)], None, 2, 2, 0)
+    with pytest.raises(RuntimeError, match="float32 CPU tensor of shape"):
+        torch.classes.flashgen.CpuLinear(0, False, [torch.zeros(2, 3)], None, 2, 2, 0)
+    with pytest.raises(RuntimeError, match="group_size"):
+        torch.classes.flashgen.CpuLinear(4, False, [torch.zeros(1), torch.zeros(1), torch.zeros(1)], None, 64, 16, 48)
