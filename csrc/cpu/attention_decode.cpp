@@ -91,7 +91,9 @@ void append(const at::Tensor& cache, const at::Tensor& src, const int32_t* table
             const std::vector<int64_t>& start) {
   const int64_t batch = src.size(0), n = src.size(1), kv_heads = src.size(2), d = src.size(3);
   const T* sp = src.data_ptr<T>();
-  at::parallel_for(0, batch * kv_heads, 1, [&](int64_t begin, int64_t end) {
+  // A decode step appends one row per head: too little to wake a thread for.
+  at::parallel_for(0, batch * kv_heads, std::max<int64_t>(1, (int64_t{1} << 14) / (n * d + 1)), [&](int64_t begin,
+                                                                                                   int64_t end) {
     for (int64_t i = begin; i < end; ++i) {
       const int64_t b = i / kv_heads, h = i % kv_heads;
       const Rows<T> dst = cache_rows<T>(cache, table ? table + b * table_stride : nullptr, b, h);
@@ -100,6 +102,8 @@ void append(const at::Tensor& cache, const at::Tensor& src, const int32_t* table
     }
   });
 }
+
+constexpr int64_t kMinKeysPerThread = 4 * kBlockK;
 
 int64_t pick_splits(int64_t num_splits, int64_t tasks, int64_t max_len) {
   // Enough tasks to keep every thread busy (4 per thread), but each split at least 4 key blocks.
@@ -155,7 +159,10 @@ std::tuple<at::Tensor, at::Tensor> flash_attn_kvcache(const at::Tensor& q_in, co
     }
     const T* qp = q.data_ptr<T>();
     const Simd& isa = simd();
-    at::parallel_for(0, n_tasks, 1, [&](int64_t begin, int64_t end) {
+    // A task over a few key blocks is shorter than waking a second thread (short-context decode): give each
+    // thread at least kMinKeysPerThread keys.
+    const int64_t chunk_keys = std::max<int64_t>(1, (max_len + splits - 1) / splits);
+    at::parallel_for(0, n_tasks, (kMinKeysPerThread + chunk_keys - 1) / chunk_keys, [&](int64_t begin, int64_t end) {
       std::vector<float> qf(kBlockQ * ld), kt(int64_t(d) * kBlockK), vf(kBlockK * ld), s(kBlockQ * kBlockK);
       std::vector<int64_t> pos(kBlockQ);
       for (int64_t t = begin; t < end; ++t) {
