@@ -215,11 +215,9 @@ class LLM:
         cached = self._cached_ids
         self._cached_ids = None
         if b == 1 and cached is not None and self._reusable(cached, prompt_ids[0]):
-            # Multi-turn chat: the cache already holds this prompt's beginning; feed only the rest.
-            logits = None
-            for t in prompt_ids[0][len(cached):]:
-                logits = self.model.decode(torch.tensor([t], device=self.device))
-            return logits
+            # Multi-turn chat: the cache already holds this prompt's beginning; prefill only the rest.
+            rest = prompt_ids[0][len(cached):]
+            return self.model.prefill(torch.tensor([rest], device=self.device), torch.tensor([len(rest)]), append=True)
         lengths = [len(ids) for ids in prompt_ids]
         tokens = torch.zeros(b, max(lengths), dtype=torch.long)
         for i, ids in enumerate(prompt_ids):
@@ -229,9 +227,7 @@ class LLM:
 
     @staticmethod
     def _reusable(cached, ids):
-        # Token by token through decode is slower per token than a prefill: reuse only for short additions.
-        extra = len(ids) - len(cached)
-        return 0 < extra and extra * 8 <= len(ids) and ids[:len(cached)] == cached
+        return len(ids) > len(cached) and ids[:len(cached)] == cached
 
     def _run(self, prompt_ids, max_new_tokens, params, stop, logprobs):
         """Generator over the whole generation: yields (sequence index, text piece) as text appears and

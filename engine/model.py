@@ -226,28 +226,34 @@ class Transformer(nn.Module):
         return self._logits(h, residual)
 
     @torch.inference_mode()
-    def prefill(self, input_ids, lengths):
+    def prefill(self, input_ids, lengths, append=False):
         """Right-padded prompts input_ids (B, T) of `lengths` (B,) -> logits float32 (B, V) at each last prompt
-        token. Fills cache rows 0..B-1 from position 0; the cache lengths become `lengths`."""
+        token. Fills cache rows 0..B-1 from position 0 and the cache lengths become `lengths`; with append=True
+        the tokens continue the active batch's cached sequences instead (a chat's next turn): they go in at
+        positions cache_seqlens.. and the lengths grow by `lengths`."""
         self._need_cache()
         b, t = input_ids.shape
+        if append and b != self.batch_size:
+            raise ValueError(f"append=True continues the active batch of {self.batch_size}, got {b} prompts")
         if b > self.cache.max_batch_size:
             raise ValueError(f"batch {b} exceeds the cache's max_batch_size {self.cache.max_batch_size}")
-        if t > self.cache.max_seq_len:
-            raise ValueError(f"prompt length {t} exceeds the cache's max_seq_len {self.cache.max_seq_len}")
         lengths = torch.as_tensor(lengths, device=input_ids.device).reshape(b)
         if b and not (1 <= int(lengths.min()) and int(lengths.max()) <= t):
             raise ValueError(f"lengths must be in [1, {t}] (the padded prompt length), got {lengths.tolist()}")
-        self._check_positions(t)
-        self.reset(b)
-        positions = torch.arange(t, device=input_ids.device).expand(b, t)
-        h, rope = self._embed(input_ids, positions)
+        if not append:
+            self.reset(b)
         seqlens = self.cache.seqlens[:b]
+        start = int(seqlens.max()) if b else 0
+        if start + t > self.cache.max_seq_len:
+            raise ValueError(f"{start} cached + {t} new tokens exceed the cache's max_seq_len {self.cache.max_seq_len}")
+        self._check_positions(start + t)
+        positions = seqlens.long().unsqueeze(1) + torch.arange(t, device=input_ids.device)
+        h, rope = self._embed(input_ids, positions)
         residual = None
         for i, layer in enumerate(self.layers):
             h, residual = layer(h, residual, rope, self.cache.layer(i), seqlens)
         # The padding written past each prompt's end is overwritten by the next decode steps.
-        seqlens.copy_(lengths)
+        seqlens.add_(lengths.to(seqlens.dtype))
         last = (lengths.long() - 1).clamp(min=0)
         rows = torch.arange(b, device=h.device)
         return self._logits(h[rows, last].unsqueeze(1), residual[rows, last].unsqueeze(1)).squeeze(1)

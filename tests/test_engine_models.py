@@ -77,6 +77,28 @@ def test_greedy_tokens_and_cache_match(pair):
 
 
 @torch.inference_mode()
+def test_append_prefill_continues_the_cache(pair):
+    """A chat's next turn: prefill(append=True) of the new tokens after a cached prefix (uneven per row) gives
+    the logits of a prefill of the whole sequences, and the same cache contents for the steps after it."""
+    model = pair[0].model
+    first, first_len = right_padded([5, 9, 2])
+    more, more_len = right_padded([4, 1, 6])
+    whole = [torch.cat([first[i, :a], more[i, :b]]) for i, (a, b) in enumerate(zip([5, 9, 2], [4, 1, 6]))]
+    whole_ids, whole_len = right_padded([len(w) for w in whole])
+    for i, w in enumerate(whole):
+        whole_ids[i, :len(w)] = w
+    expected = model.prefill(whole_ids, whole_len)
+    expected_next = model.decode(expected.argmax(-1))
+    model.prefill(first, first_len)
+    got = model.prefill(more, more_len, append=True)
+    assert model.cache_seqlens.tolist() == whole_len.tolist()
+    assert rel_err(got, expected) < 1e-5
+    assert rel_err(model.decode(expected.argmax(-1)), expected_next) < 1e-5
+    with pytest.raises(ValueError, match="continues the active batch"):
+        model.prefill(more[:1], more_len[:1], append=True)
+
+
+@torch.inference_mode()
 def test_bfloat16_runs_close_to_float32(tiny_models):  # noqa: F811
     path = tiny_models["llama"]
     ids, lengths = right_padded(LENGTHS)

@@ -19,7 +19,7 @@ class ScriptedModel:
         self.avoid = set(avoid)  # never predicted: EOS, unless a test asks for it
         self.cache = SimpleNamespace(max_batch_size=1, max_seq_len=64)
         self.rows = []
-        self.calls = {"prefill": 0, "decode": 0}
+        self.calls = {"prefill": 0, "append": 0, "decode": 0}
 
     def setup_cache(self, max_batch_size, max_seq_len):
         self.cache = SimpleNamespace(max_batch_size=max_batch_size, max_seq_len=max_seq_len)
@@ -36,10 +36,11 @@ class ScriptedModel:
             logits[t] = -1e9
         return logits
 
-    def prefill(self, input_ids, lengths):
-        self.calls["prefill"] += 1
+    def prefill(self, input_ids, lengths, append=False):
+        self.calls["append" if append else "prefill"] += 1
         assert len(self.rows) == input_ids.shape[0] <= self.cache.max_batch_size
-        self.rows = [input_ids[i, :n].tolist() for i, n in enumerate(lengths.tolist())]
+        new = [input_ids[i, :n].tolist() for i, n in enumerate(lengths.tolist())]
+        self.rows = [r + n for r, n in zip(self.rows, new)] if append else new
         return torch.stack([self.next_logits(r) for r in self.rows])
 
     def decode(self, tokens):
@@ -174,6 +175,7 @@ def test_next_turn_reuses_the_cache(tokenizer):
     second_ids = first_ids + first.token_ids + tokenizer.encode(" ok")
     second = _complete(llm, second_ids)
     assert llm.model.calls["prefill"] == prefills, "the cache was not reused"
+    assert llm.model.calls["append"] == 1
     assert second.token_ids == _complete(fake_llm(tokenizer), second_ids).token_ids
     # A prompt that does not extend the cache is prefilled from scratch.
     third = _complete(llm, tokenizer.encode("Something else entirely"))
