@@ -1,10 +1,15 @@
-"""GGUF files: metadata and tensors, read with the `gguf` package (memory-mapped), checked before use.
+"""GGUF files: metadata and tensors from the memory-mapped file, checked before use.
+
+The header is parsed here (gguf-py's reader builds numpy views of every field, which takes seconds for a
+tokenizer of 50k entries); the `gguf` package supplies the block type table and the K-quant dequantizers.
 
 Tensors come back in our formats: F32 / F16 / BF16 as torch tensors, Q4_0 / Q4_1 / Q8_0 converted losslessly
 to int4 / int8 QuantizedWeights (kernels/quant.py `from_gguf`, no float round trip), and every other block type
 llama.cpp writes (Q4_K, Q6_K, ...) dequantized to float32 by `gguf.quants`.
 """
+import mmap
 import os
+import struct
 
 import numpy as np
 import torch
@@ -19,28 +24,96 @@ class CheckpointError(ValueError):
     """A checkpoint file is missing, malformed, or does not match its configuration."""
 
 
-def _reader_class():
+# Metadata value types of the GGUF spec: struct format per scalar type; 8 = string, 9 = array.
+_SCALARS = {0: "B", 1: "b", 2: "H", 3: "h", 4: "I", 5: "i", 6: "f", 7: "?", 10: "Q", 11: "q", 12: "d"}
+_STRING, _ARRAY = 8, 9
+_NUMPY = {"B": np.uint8, "b": np.int8, "H": np.uint16, "h": np.int16, "I": np.uint32, "i": np.int32,
+          "f": np.float32, "?": np.bool_, "Q": np.uint64, "q": np.int64, "d": np.float64}
+
+
+class _Header:
+    """A little-endian GGUF (v2 / v3) header parsed straight from the memory map: every count and length is
+    checked against the bytes left, so a malformed file fails with a message instead of a huge allocation."""
+
+    def __init__(self, buf):
+        self.buf, self.pos = buf, 4
+
+    def take(self, fmt):
+        (value,) = struct.unpack_from("<" + fmt, self.buf, self.pos)
+        self.pos += struct.calcsize(fmt)
+        return value
+
+    def count(self, item_bytes, what):
+        n = self.take("Q")
+        if n * item_bytes > len(self.buf) - self.pos:
+            raise CheckpointError(f"{what} count {n} runs past the end of the file")
+        return n
+
+    def string(self):
+        n = self.count(1, "string length")
+        self.pos += n
+        return bytes(self.buf[self.pos - n:self.pos]).decode("utf-8", errors="replace")
+
+    def value(self, kind):
+        if kind in _SCALARS:
+            return self.take(_SCALARS[kind])
+        if kind == _STRING:
+            return self.string()
+        if kind != _ARRAY:
+            raise CheckpointError(f"unknown metadata value type {kind}")
+        item = self.take("I")
+        if item in _SCALARS:  # numbers in one slice
+            fmt = _SCALARS[item]
+            n = self.count(struct.calcsize(fmt), "array")
+            values = np.frombuffer(self.buf, _NUMPY[fmt], n, self.pos)
+            self.pos += values.nbytes
+            return values.tolist()
+        return [self.value(item) for _ in range(self.count(1, "array"))]
+
+    def parse(self):
+        version = self.take("I")
+        if version not in (2, 3):
+            raise CheckpointError(f"GGUF version {version} is not supported (2 or 3)")
+        n_tensors, n_kv = self.count(1, "tensor"), self.count(1, "metadata")
+        meta = {}
+        for _ in range(n_kv):
+            key = self.string()
+            meta[key] = self.value(self.take("I"))
+        infos = []
+        for _ in range(n_tensors):
+            name = self.string()
+            dims = [self.take("Q") for _ in range(self.take("I"))]
+            infos.append((name, dims, self.take("I"), self.take("Q")))
+        align = int(meta.get("general.alignment", 32))
+        return meta, infos, (self.pos + align - 1) // align * align
+
+
+class _Tensor:
+    def __init__(self, name, dims, qtype, data):
+        self.name, self.shape, self.tensor_type, self.data = name, dims, qtype, data
+
+
+def _tensors(path, buf, infos, start):
+    """Name -> _Tensor whose data is a read-only view of the memory map (uint8 rows for block types)."""
     import gguf
 
-    class CheckedReader(gguf.GGUFReader):
-        """GGUFReader that names the tensor and sizes when the data runs past the end of the file."""
-
-        def _build_tensors(self, start_offs, fields):
-            size = len(self.data)
-            for field in fields:
-                _, name, _, dims, raw_type, offset = field.parts
-                qtype = gguf.GGMLQuantizationType(int(raw_type[0]))
-                block, type_size = gguf.GGML_QUANT_SIZES[qtype]
-                n_bytes = int(np.prod(dims)) * type_size // block
-                begin = int(start_offs + offset[0])
-                if begin + n_bytes > size:
-                    raise CheckpointError(
-                        f"tensor {bytes(name).decode(errors='replace')!r} ({qtype.name}, shape "
-                        f"{tuple(int(d) for d in dims)}) needs {n_bytes} bytes at offset {begin}, but the file has "
-                        f"only {size} bytes (truncated file?)")
-            super()._build_tensors(start_offs, fields)
-
-    return CheckedReader
+    out = {}
+    for name, dims, raw_type, offset in infos:
+        try:
+            qtype = gguf.GGMLQuantizationType(raw_type)
+        except ValueError:
+            raise CheckpointError(f"{path}: tensor {name!r} has unknown type {raw_type}") from None
+        block, type_size = gguf.GGML_QUANT_SIZES[qtype]
+        numel = int(np.prod(dims, dtype=np.int64))
+        n_bytes, begin = numel * type_size // block, start + offset
+        if begin + n_bytes > len(buf):
+            raise CheckpointError(f"{path}: tensor {name!r} ({qtype.name}, shape {tuple(dims)}) needs {n_bytes} bytes "
+                                  f"at offset {begin}, but the file has only {len(buf)} bytes (truncated file?)")
+        raw = np.frombuffer(buf, np.uint8, n_bytes, begin)
+        plain = {"F32": np.float32, "F16": np.float16, "BF16": np.uint16}.get(qtype.name)
+        data = raw.view(plain) if plain else raw.reshape(-1, dims[0] * type_size // block)
+        out[name] = _Tensor(name, np.array(dims), qtype, data)
+    return out
 
 
 class GGUFFile:
@@ -52,20 +125,17 @@ class GGUFFile:
             raise FileNotFoundError(f"{self.path}: no such file")
         with open(self.path, "rb") as f:
             magic = f.read(4)
-        if magic != GGUF_MAGIC:
-            raise CheckpointError(f"{self.path}: not a GGUF file (magic {magic!r}, expected {GGUF_MAGIC!r})")
+            if magic != GGUF_MAGIC:
+                raise CheckpointError(f"{self.path}: not a GGUF file (magic {magic!r}, expected {GGUF_MAGIC!r})")
+            buf = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
         try:
-            self._reader = _reader_class()(self.path)
+            meta, infos, start = _Header(buf).parse()
         except CheckpointError as e:
-            raise CheckpointError(f"{self.path}: {e}") from None
-        except (ValueError, IndexError, KeyError, UnicodeDecodeError) as e:
-            raise CheckpointError(f"{self.path}: malformed GGUF header ({type(e).__name__}: {e})") from e
-        self.meta = {}
-        for key, field in self._reader.fields.items():
-            if not key.startswith("GGUF."):
-                value = field.contents()
-                self.meta[key] = value
-        self._tensors = {t.name: t for t in self._reader.tensors}
+            raise CheckpointError(f"{self.path}: malformed GGUF header ({e})") from None
+        except (struct.error, ValueError, OverflowError) as e:
+            raise CheckpointError(f"{self.path}: malformed GGUF header ({type(e).__name__}: {e})") from None
+        self.meta = meta
+        self._tensors = _tensors(self.path, buf, infos, start)
 
     @property
     def tensor_names(self):

@@ -196,6 +196,23 @@ def test_tensor_shorter_than_header(tmp_path, files):
         load_model(str(cut))
 
 
+@pytest.mark.parametrize("damage", ["cut_in_metadata", "huge_count", "version"])
+def test_malformed_header(tmp_path, files, damage):
+    import struct
+
+    data = bytearray(open(files["path"], "rb").read())
+    if damage == "cut_in_metadata":
+        data = data[:200]
+    elif damage == "huge_count":  # the metadata count (after magic, version, tensor count)
+        data[16:24] = struct.pack("<Q", 2**60)
+    else:
+        data[4:8] = struct.pack("<I", 7)
+    bad = tmp_path / "bad.gguf"
+    bad.write_bytes(bytes(data))
+    with pytest.raises(CheckpointError, match=r"bad\.gguf: malformed GGUF header \(.*(past the end|version 7|unpack)"):
+        load_model(str(bad))
+
+
 def test_missing_file(tmp_path):
     with pytest.raises(FileNotFoundError, match="nothing.gguf"):
         load_model(str(tmp_path / "nothing.gguf"))
