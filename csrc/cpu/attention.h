@@ -12,6 +12,7 @@
 #include <cmath>
 #include <cstdint>
 #include <limits>
+#include <type_traits>
 #include <vector>
 
 namespace flashgen::cpu::attn {
@@ -32,6 +33,8 @@ struct Simd {
   float (*row_max)(const float* x, int n);
   // x = exp(x - shift) in place (exp(-inf) = 0); returns the sum of the new x.
   float (*exp_sum)(float* x, int n, float shift);
+  // dst[c * ld_dst + r] = src[r * ld_src + c] for r, c < 16.
+  void (*transpose16)(const float* src, int64_t ld_src, float* dst, int64_t ld_dst);
 };
 const Simd& simd();  // AVX-512 when the CPU has it, AVX2 otherwise
 
@@ -76,10 +79,23 @@ void load_rows(const Rows<T>& src, int64_t t0, int n, int d, int ld, float* dst,
   }
 }
 
-// n rows t0.. of src transposed into dst (d x kBlockK): dst[c * kBlockK + r] = src[t0 + r][c].
+// n rows t0.. of src transposed into dst (d x kBlockK): dst[c * kBlockK + r] = src[t0 + r][c]. float rows
+// that lie evenly strided in memory (not split across two pages) go 16 x 16 through SIMD transposes.
 template <typename T>
 void load_cols(const Rows<T>& src, int64_t t0, int n, int d, float* dst) {
-  for (int r = 0; r < n; ++r) {
+  int r0 = 0;
+  if constexpr (std::is_same_v<T, float>) {
+    const Simd& isa = simd();
+    for (; r0 + 16 <= n; r0 += 16) {
+      const float* first = src.row(t0 + r0);
+      if (src.row(t0 + r0 + 15) != first + 15 * src.tok_stride) break;
+      int c = 0;
+      for (; c + 16 <= d; c += 16) isa.transpose16(first + c, src.tok_stride, dst + c * kBlockK + r0, kBlockK);
+      for (; c < d; ++c)
+        for (int r = 0; r < 16; ++r) dst[int64_t(c) * kBlockK + r0 + r] = first[r * src.tok_stride + c];
+    }
+  }
+  for (int r = r0; r < n; ++r) {
     const T* s = src.row(t0 + r);
     for (int c = 0; c < d; ++c) dst[int64_t(c) * kBlockK + r] = float(s[c]);
   }

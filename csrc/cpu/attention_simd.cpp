@@ -64,6 +64,34 @@ FLASHGEN_AVX512 float row_max512(const float* x, int n) {
   return _mm512_reduce_max_ps(m);
 }
 
+// dst[c * ld_dst + r] = src[r * ld_src + c] for a 16 x 16 block: pairs, then quads (unpack within 128-bit
+// lanes), then the four lanes of four quad vectors (shuffle_f32x4 twice).
+FLASHGEN_AVX512 void transpose16_512(const float* src, int64_t ld_src, float* dst, int64_t ld_dst) {
+  __m512 r[16], t[16];
+  for (int i = 0; i < 16; ++i) r[i] = _mm512_loadu_ps(src + i * ld_src);
+  for (int i = 0; i < 16; i += 2) {
+    t[i] = _mm512_unpacklo_ps(r[i], r[i + 1]);
+    t[i + 1] = _mm512_unpackhi_ps(r[i], r[i + 1]);
+  }
+  for (int i = 0; i < 16; i += 4) {  // r[i + j], lane L: column 4L + j of rows i .. i + 3
+    const __m512d a = _mm512_castps_pd(t[i]), b = _mm512_castps_pd(t[i + 1]);
+    const __m512d c = _mm512_castps_pd(t[i + 2]), d = _mm512_castps_pd(t[i + 3]);
+    r[i] = _mm512_castpd_ps(_mm512_unpacklo_pd(a, c));
+    r[i + 1] = _mm512_castpd_ps(_mm512_unpackhi_pd(a, c));
+    r[i + 2] = _mm512_castpd_ps(_mm512_unpacklo_pd(b, d));
+    r[i + 3] = _mm512_castpd_ps(_mm512_unpackhi_pd(b, d));
+  }
+  for (int j = 0; j < 4; ++j) {
+    const __m512 x0 = _mm512_shuffle_f32x4(r[j], r[4 + j], 0x88), x1 = _mm512_shuffle_f32x4(r[j], r[4 + j], 0xDD);
+    const __m512 y0 = _mm512_shuffle_f32x4(r[8 + j], r[12 + j], 0x88);
+    const __m512 y1 = _mm512_shuffle_f32x4(r[8 + j], r[12 + j], 0xDD);
+    _mm512_storeu_ps(dst + j * ld_dst, _mm512_shuffle_f32x4(x0, y0, 0x88));
+    _mm512_storeu_ps(dst + (4 + j) * ld_dst, _mm512_shuffle_f32x4(x1, y1, 0x88));
+    _mm512_storeu_ps(dst + (8 + j) * ld_dst, _mm512_shuffle_f32x4(x0, y0, 0xDD));
+    _mm512_storeu_ps(dst + (12 + j) * ld_dst, _mm512_shuffle_f32x4(x1, y1, 0xDD));
+  }
+}
+
 FLASHGEN_AVX512 float exp_sum512(float* x, int n, float shift) {
   __m512 sum = _mm512_setzero_ps();
   const __m512 sh = _mm512_set1_ps(shift);
@@ -127,6 +155,31 @@ float row_max256(const float* x, int n) {
   return _mm_cvtss_f32(_mm_max_ss(s, _mm_movehdup_ps(s)));
 }
 
+// 8 x 8 transposes (pairs, quads, then 128-bit halves), four of them for a 16 x 16 block.
+void transpose8_256(const float* src, int64_t ld_src, float* dst, int64_t ld_dst) {
+  __m256 r[8], t[8];
+  for (int i = 0; i < 8; ++i) r[i] = _mm256_loadu_ps(src + i * ld_src);
+  for (int i = 0; i < 8; i += 2) {
+    t[i] = _mm256_unpacklo_ps(r[i], r[i + 1]);
+    t[i + 1] = _mm256_unpackhi_ps(r[i], r[i + 1]);
+  }
+  for (int i = 0; i < 8; i += 4) {  // r[i + j], half h: column 4h + j of rows i .. i + 3
+    r[i] = _mm256_shuffle_ps(t[i], t[i + 2], 0x44);
+    r[i + 1] = _mm256_shuffle_ps(t[i], t[i + 2], 0xEE);
+    r[i + 2] = _mm256_shuffle_ps(t[i + 1], t[i + 3], 0x44);
+    r[i + 3] = _mm256_shuffle_ps(t[i + 1], t[i + 3], 0xEE);
+  }
+  for (int j = 0; j < 4; ++j) {
+    _mm256_storeu_ps(dst + j * ld_dst, _mm256_permute2f128_ps(r[j], r[4 + j], 0x20));
+    _mm256_storeu_ps(dst + (4 + j) * ld_dst, _mm256_permute2f128_ps(r[j], r[4 + j], 0x31));
+  }
+}
+
+void transpose16_256(const float* src, int64_t ld_src, float* dst, int64_t ld_dst) {
+  for (int i = 0; i < 16; i += 8)
+    for (int j = 0; j < 16; j += 8) transpose8_256(src + i * ld_src + j, ld_src, dst + j * ld_dst + i, ld_dst);
+}
+
 float exp_sum256(float* x, int n, float shift) {
   __m256 sum = _mm256_setzero_ps();
   const __m256 sh = _mm256_set1_ps(shift);
@@ -152,7 +205,8 @@ float exp_sum256(float* x, int n, float shift) {
 }  // namespace
 
 const Simd& simd() {
-  static const Simd avx512{gemm512, row_max512, exp_sum512}, avx2{gemm256, row_max256, exp_sum256};
+  static const Simd avx512{gemm512, row_max512, exp_sum512, transpose16_512},
+      avx2{gemm256, row_max256, exp_sum256, transpose16_256};
   // FLASHGEN_NO_AVX512=1 forces the AVX2 path (so tests on an AVX-512 machine cover both).
   static const bool use_avx512 = has_avx512() && !std::getenv("FLASHGEN_NO_AVX512");
   return use_avx512 ? avx512 : avx2;
