@@ -114,6 +114,24 @@ def _seq_bounds(cu_q, cu_k, b, seqlen_q, seqlen_k, VARLEN: tl.constexpr):
     return b * 0, b * 0, seqlen_q, seqlen_k
 
 
+@triton.jit
+def _q_block(cu_q, cu_k, num_heads, group, seqlen_q, seqlen_k, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
+             HEAD_DIM: tl.constexpr, VARLEN: tl.constexpr):
+    """The program's query block: batch row b, head h, its kv head hk, the sequence bounds, the block start m0
+    and its row / feature offsets with their masks. 64-bit offsets stay scalar (base pointers); per-element
+    tile offsets are 32-bit, which keeps registers low."""
+    bh = tl.program_id(1)
+    b = (bh // num_heads).to(tl.int64)
+    h = bh % num_heads
+    q_start, k_start, sq, sk = _seq_bounds(cu_q, cu_k, b, seqlen_q, seqlen_k, VARLEN)
+    m0 = tl.program_id(0) * BLOCK_M
+    local_m = tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    d_ok = offs_d < HEAD_DIM
+    m_ok = m0 + local_m < sq
+    return b, h, h // group, q_start, k_start, sq, sk, m0, local_m, offs_d, d_ok, m_ok
+
+
 # ------------------------------------------------------------------------------------------------ forward
 @triton.jit
 def _fwd_kernel(Q, K, V, Out, Lse, cu_q, cu_k,
@@ -122,22 +140,12 @@ def _fwd_kernel(Q, K, V, Out, Lse, cu_q, cu_k,
                 num_heads, group, seqlen_q, seqlen_k, scale, softcap, window_left, window_right,
                 HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                 VARLEN: tl.constexpr, SOFTCAP: tl.constexpr, PREC: tl.constexpr):
-    pid_m = tl.program_id(0)
-    bh = tl.program_id(1)
-    b = (bh // num_heads).to(tl.int64)
-    h = bh % num_heads
-    hk = h // group
-    q_start, k_start, sq, sk = _seq_bounds(cu_q, cu_k, b, seqlen_q, seqlen_k, VARLEN)
-    if pid_m * BLOCK_M >= sq:
+    b, h, hk, q_start, k_start, sq, sk, m0, local_m, offs_d, d_ok, m_ok = _q_block(
+        cu_q, cu_k, num_heads, group, seqlen_q, seqlen_k, BLOCK_M, BLOCK_D, HEAD_DIM, VARLEN)
+    if m0 >= sq:
         return
-    # 64-bit offsets stay scalar (base pointers); per-element tile offsets are 32-bit, which keeps registers low.
-    m0 = pid_m * BLOCK_M
-    local_m = tl.arange(0, BLOCK_M)
     local_n = tl.arange(0, BLOCK_N)
     offs_m = m0 + local_m
-    offs_d = tl.arange(0, BLOCK_D)
-    d_ok = offs_d < HEAD_DIM
-    m_ok = offs_m < sq
     q_mask = m_ok[:, None] & d_ok[None, :]
     q = tl.load(Q + (b * stride_qb + (q_start + m0) * stride_qs + h * stride_qh)
                 + local_m[:, None] * stride_qs + offs_d[None, :], mask=q_mask, other=0.0)
@@ -266,21 +274,12 @@ def _bwd_dq_kernel(Q, K, V, DOut, Lse, Delta, DQ, cu_q, cu_k,
                    num_heads, group, seqlen_q, seqlen_k, scale, softcap, window_left, window_right,
                    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                    VARLEN: tl.constexpr, SOFTCAP: tl.constexpr, PREC: tl.constexpr):
-    pid_m = tl.program_id(0)
-    bh = tl.program_id(1)
-    b = (bh // num_heads).to(tl.int64)
-    h = bh % num_heads
-    hk = h // group
-    q_start, k_start, sq, sk = _seq_bounds(cu_q, cu_k, b, seqlen_q, seqlen_k, VARLEN)
-    m0 = pid_m * BLOCK_M
+    b, h, hk, q_start, k_start, sq, sk, m0, local_m, offs_d, d_ok, m_ok = _q_block(
+        cu_q, cu_k, num_heads, group, seqlen_q, seqlen_k, BLOCK_M, BLOCK_D, HEAD_DIM, VARLEN)
     if m0 >= sq:
         return
-    local_m = tl.arange(0, BLOCK_M)
     local_n = tl.arange(0, BLOCK_N)
     offs_m = m0 + local_m
-    offs_d = tl.arange(0, BLOCK_D)
-    d_ok = offs_d < HEAD_DIM
-    m_ok = offs_m < sq
     q_mask = m_ok[:, None] & d_ok[None, :]
     row0 = q_start + m0
     q = tl.load(Q + (b * stride_qb + row0 * stride_qs + h * stride_qh) + local_m[:, None] * stride_qs
