@@ -129,7 +129,23 @@ def _q_block(cu_q, cu_k, num_heads, group, seqlen_q, seqlen_k, BLOCK_M: tl.const
     offs_d = tl.arange(0, BLOCK_D)
     d_ok = offs_d < HEAD_DIM
     m_ok = m0 + local_m < sq
-    return b, h, h // group, q_start, k_start, sq, sk, m0, local_m, offs_d, d_ok, m_ok
+    return b, h, h // group, q_start, k_start, sq, sk, m0, local_m, offs_d, d_ok, m_ok, m_ok[:, None] & d_ok[None, :]
+
+
+@triton.jit
+def _kv_plan(K, V, b, hk, k_start, stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh, m0, local_m,
+             offs_d, m_ok, sq, sk, window_left, window_right, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """What a query block reads of K and V: the kv head's base pointers, the offsets of a key tile, each row's
+    attended key range [first, last] and the key blocks [lo, hi) that any row attends (bottom-right causal)."""
+    local_n = tl.arange(0, BLOCK_N)
+    k_base = K + b * stride_kb + hk * stride_kh + k_start * stride_ks
+    v_base = V + b * stride_vb + hk * stride_vh + k_start * stride_vs
+    k_tile = local_n[:, None] * stride_ks + offs_d[None, :]
+    v_tile = local_n[:, None] * stride_vs + offs_d[None, :]
+    first, last = _row_bounds(m0 + local_m + sk - sq, m_ok, sk, window_left, window_right)
+    lo, hi = _key_range(m0 + sk - sq, tl.minimum(m0 + BLOCK_M, sq) - 1 + sk - sq,
+                        sk, window_left, window_right, BLOCK_N)
+    return local_n, k_base, v_base, k_tile, v_tile, first, last, lo, hi
 
 
 # ------------------------------------------------------------------------------------------------ forward
@@ -140,23 +156,15 @@ def _fwd_kernel(Q, K, V, Out, Lse, cu_q, cu_k,
                 num_heads, group, seqlen_q, seqlen_k, scale, softcap, window_left, window_right,
                 HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                 VARLEN: tl.constexpr, SOFTCAP: tl.constexpr, PREC: tl.constexpr):
-    b, h, hk, q_start, k_start, sq, sk, m0, local_m, offs_d, d_ok, m_ok = _q_block(
+    b, h, hk, q_start, k_start, sq, sk, m0, local_m, offs_d, d_ok, m_ok, q_mask = _q_block(
         cu_q, cu_k, num_heads, group, seqlen_q, seqlen_k, BLOCK_M, BLOCK_D, HEAD_DIM, VARLEN)
     if m0 >= sq:
         return
-    local_n = tl.arange(0, BLOCK_N)
-    offs_m = m0 + local_m
-    q_mask = m_ok[:, None] & d_ok[None, :]
     q = tl.load(Q + (b * stride_qb + (q_start + m0) * stride_qs + h * stride_qh)
                 + local_m[:, None] * stride_qs + offs_d[None, :], mask=q_mask, other=0.0)
-    k_base = K + b * stride_kb + hk * stride_kh + k_start * stride_ks
-    v_base = V + b * stride_vb + hk * stride_vh + k_start * stride_vs
-    k_tile = local_n[:, None] * stride_ks + offs_d[None, :]
-    v_tile = local_n[:, None] * stride_vs + offs_d[None, :]
-
-    first, last = _row_bounds(offs_m + sk - sq, m_ok, sk, window_left, window_right)
-    lo, hi = _key_range(m0 + sk - sq, tl.minimum(m0 + BLOCK_M, sq) - 1 + sk - sq,
-                        sk, window_left, window_right, BLOCK_N)
+    local_n, k_base, v_base, k_tile, v_tile, first, last, lo, hi = _kv_plan(
+        K, V, b, hk, k_start, stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh, m0, local_m, offs_d,
+        m_ok, sq, sk, window_left, window_right, BLOCK_M, BLOCK_N)
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
@@ -274,13 +282,10 @@ def _bwd_dq_kernel(Q, K, V, DOut, Lse, Delta, DQ, cu_q, cu_k,
                    num_heads, group, seqlen_q, seqlen_k, scale, softcap, window_left, window_right,
                    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                    VARLEN: tl.constexpr, SOFTCAP: tl.constexpr, PREC: tl.constexpr):
-    b, h, hk, q_start, k_start, sq, sk, m0, local_m, offs_d, d_ok, m_ok = _q_block(
+    b, h, hk, q_start, k_start, sq, sk, m0, local_m, offs_d, d_ok, m_ok, q_mask = _q_block(
         cu_q, cu_k, num_heads, group, seqlen_q, seqlen_k, BLOCK_M, BLOCK_D, HEAD_DIM, VARLEN)
     if m0 >= sq:
         return
-    local_n = tl.arange(0, BLOCK_N)
-    offs_m = m0 + local_m
-    q_mask = m_ok[:, None] & d_ok[None, :]
     row0 = q_start + m0
     q = tl.load(Q + (b * stride_qb + row0 * stride_qs + h * stride_qh) + local_m[:, None] * stride_qs
                 + offs_d[None, :], mask=q_mask, other=0.0)
@@ -288,14 +293,9 @@ def _bwd_dq_kernel(Q, K, V, DOut, Lse, Delta, DQ, cu_q, cu_k,
                  + offs_d[None, :], mask=q_mask, other=0.0)
     lse = tl.load(Lse + (b * stride_lb + h * stride_lh + row0) + local_m, mask=m_ok, other=0.0) * 1.4426950408889634
     delta = tl.load(Delta + (b * stride_lb + h * stride_lh + row0) + local_m, mask=m_ok, other=0.0)
-    k_base = K + b * stride_kb + hk * stride_kh + k_start * stride_ks
-    v_base = V + b * stride_vb + hk * stride_vh + k_start * stride_vs
-    k_tile = local_n[:, None] * stride_ks + offs_d[None, :]
-    v_tile = local_n[:, None] * stride_vs + offs_d[None, :]
-
-    first, last = _row_bounds(offs_m + sk - sq, m_ok, sk, window_left, window_right)
-    lo, hi = _key_range(m0 + sk - sq, tl.minimum(m0 + BLOCK_M, sq) - 1 + sk - sq,
-                        sk, window_left, window_right, BLOCK_N)
+    local_n, k_base, v_base, k_tile, v_tile, first, last, lo, hi = _kv_plan(
+        K, V, b, hk, k_start, stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh, m0, local_m, offs_d,
+        m_ok, sq, sk, window_left, window_right, BLOCK_M, BLOCK_N)
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     for start_n in range(lo, hi, BLOCK_N):
         offs_n = start_n + local_n
