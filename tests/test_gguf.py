@@ -59,20 +59,28 @@ def add_tokenizer(w, tokenizer_dir, vocab_size):
                         "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
 
 
-def write_gguf(model, tokenizer_dir, path):
-    """Returns {hf parameter name: the float32 weight the GGUF file stands for (dequantized, HF row order)}."""
-    cfg = model.config
-    sd = {k: v.detach().numpy().astype(np.float32) for k, v in model.state_dict().items()}
-    w = gguf.GGUFWriter(path, "llama")
+def add_decoder_hparams(w, cfg):
+    """The hyperparameters of a rope decoder (Llama-like transformers config) as GGUF metadata."""
+    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
     w.add_block_count(cfg.num_hidden_layers)
     w.add_context_length(cfg.max_position_embeddings)
     w.add_embedding_length(cfg.hidden_size)
     w.add_feed_forward_length(cfg.intermediate_size)
     w.add_head_count(cfg.num_attention_heads)
     w.add_head_count_kv(cfg.num_key_value_heads)
+    w.add_key_length(head_dim)
+    w.add_value_length(head_dim)
     w.add_rope_freq_base(cfg.rope_parameters["rope_theta"])
+    w.add_rope_dimension_count(head_dim)
     w.add_layer_norm_rms_eps(cfg.rms_norm_eps)
-    w.add_rope_dimension_count(cfg.head_dim)
+
+
+def write_gguf(model, tokenizer_dir, path):
+    """Returns {hf parameter name: the float32 weight the GGUF file stands for (dequantized, HF row order)}."""
+    cfg = model.config
+    sd = {k: v.detach().numpy().astype(np.float32) for k, v in model.state_dict().items()}
+    w = gguf.GGUFWriter(path, "llama")
+    add_decoder_hparams(w, cfg)
     w.add_vocab_size(cfg.vocab_size)
     add_tokenizer(w, tokenizer_dir, cfg.vocab_size)
     expected = {}
@@ -242,18 +250,7 @@ def write_float_gguf(arch, model, tokenizer_dir, path):
         w.add_head_count(cfg.n_head)
         w.add_layer_norm_eps(cfg.layer_norm_epsilon)
     else:
-        w.add_block_count(cfg.num_hidden_layers)
-        w.add_context_length(cfg.max_position_embeddings)
-        w.add_embedding_length(cfg.hidden_size)
-        w.add_feed_forward_length(cfg.intermediate_size)
-        w.add_head_count(cfg.num_attention_heads)
-        w.add_head_count_kv(cfg.num_key_value_heads)
-        head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
-        w.add_key_length(head_dim)
-        w.add_value_length(head_dim)
-        w.add_rope_freq_base(cfg.rope_parameters["rope_theta"])
-        w.add_rope_dimension_count(head_dim)
-        w.add_layer_norm_rms_eps(cfg.rms_norm_eps)
+        add_decoder_hparams(w, cfg)
     add_tokenizer(w, tokenizer_dir, cfg.vocab_size)
     for name, value in model.state_dict().items():
         if name == "lm_head.weight" and cfg.tie_word_embeddings:
