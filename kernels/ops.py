@@ -188,11 +188,11 @@ torch.library.register_autograd(FLASH_ATTN_FWD, _attn_backward, setup_context=_a
 
 # ---------------------------------------------------------------- quantized matmuls
 # Canonical formats (kernels/quant.py): int4 qweight uint8 (N, K//2) two codes per byte (low nibble first),
-# scales/offsets float32 (N, K//g), w = s*q + m; int8 qweight int8 (N, K), scales float32 (N, 1) or (N, K//32),
-# w = s*q. `*_prepack` turns them into the layout the kernels of their device stream best; the other ops take
-# those prepacked tensors. Fake impls can't see a backend's packed layout, so the linears and dequantizes take
-# out_features / in_features, and a backend whose prepacked shapes differ from the canonical ones registers a
-# shape function in PACKED_SHAPES (looked up by op and device type in the prepack fakes).
+# scales/offsets float32 or float16 (N, K//g), w = s*q + m; int8 qweight int8 (N, K), scales float32 or float16
+# (N, 1) or (N, K//32), w = s*q. `*_prepack` turns them into the layout the kernels of their device stream best;
+# the other ops take those prepacked tensors. Fake impls can't see a backend's packed layout, so the linears and
+# dequantizes take out_features / in_features, and a backend whose prepacked shapes or dtypes differ from the
+# canonical ones registers a shape function in PACKED_SHAPES (looked up by op and device type in the prepack fakes).
 INT4_PREPACK = _define(
     "int4_prepack(Tensor qweight, Tensor scales, Tensor offsets, int group_size)"
     " -> (Tensor qweight, Tensor scales, Tensor offsets)",
@@ -230,23 +230,31 @@ def _cpu_tiles(n):
 
 
 def _cpu_int4_packed_shapes(qweight, scales, offsets, group_size):
-    # csrc/cpu/quant_pack.cpp: 16-row tiles, 256 bytes per tile per 32 input features; fp32 scales per tile.
+    # csrc/cpu/quant_pack.cpp: 16-row tiles, 256 bytes per tile per 32 input features; scales and offsets per
+    # tile in the canonical scales' dtype.
     n, k = qweight.shape[0], qweight.shape[1] * 2
     t = _cpu_tiles(n)
-    return [((t, k // 32, 256), torch.uint8), ((t, k // group_size, 16), torch.float32),
-            ((t, k // group_size, 16), torch.float32)]
+    return [((t, k // 32, 256), torch.uint8), ((t, k // group_size, 16), scales.dtype),
+            ((t, k // group_size, 16), scales.dtype)]
 
 
 def _cpu_int8_packed_shapes(qweight, scales):
     # csrc/cpu/quant_pack.cpp: 16-row tiles, 512 code bytes + 16 int32 row sums per tile per 32 input features.
     n, k = qweight.shape
     t, kb = _cpu_tiles(n), (k + 31) // 32
-    return [((t, kb, 576), torch.int8), ((t, 1 if scales.shape[1] == 1 else kb, 16), torch.float32)]
+    return [((t, kb, 576), torch.int8), ((t, 1 if scales.shape[1] == 1 else kb, 16), scales.dtype)]
+
+
+def _cuda_packed_shapes(qweight, *params):
+    # kernels/triton/quant.py: the canonical tensors, with float32 scales (and offsets).
+    return [(qweight.shape, qweight.dtype)] + [(p.shape, torch.float32) for p in params if isinstance(p, torch.Tensor)]
 
 
 PACKED_SHAPES = {
     (INT4_PREPACK, "cpu"): _cpu_int4_packed_shapes,
     (INT8_PREPACK, "cpu"): _cpu_int8_packed_shapes,
+    (INT4_PREPACK, "cuda"): _cuda_packed_shapes,
+    (INT8_PREPACK, "cuda"): _cuda_packed_shapes,
 }
 
 

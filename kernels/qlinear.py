@@ -50,7 +50,7 @@ class QuantizedLinear(nn.Module):
     """Drop-in for nn.Linear over a frozen QuantizedWeight. mode: "int4", "int8" or "int8_dynamic" (W8A8).
 
     The weight is prepacked for its device on first use; `.to(device)` moves it (dtype conversions leave the
-    codes and float32 scales alone and apply to the bias only). The state dict holds the canonical tensors.
+    codes and scales alone and apply to the bias only). The state dict holds the canonical tensors.
     """
 
     def __init__(self, weight: QuantizedWeight, bias=None, mode=None):

@@ -3,10 +3,17 @@
 Canonical formats (what a QuantizedWeight stores, the same on every device):
 
 - int4: `qweight` uint8 (N, K//2), byte (n, j) = q[n, 2j] | q[n, 2j+1] << 4 with codes q in [0, 15];
-  `scales` and `offsets` float32 (N, K//g), one per group of g consecutive input features (g in 32, 64, 128):
+  `scales` and `offsets` float32 or float16, the same dtype for both, (N, K//g), one per group of g consecutive
+  input features (g in 32, 64, 128):
       w[n, k] = scales[n, k//g] * q[n, k] + offsets[n, k//g]
-- int8: `qweight` int8 (N, K); `scales` float32 (N, 1) per output channel, or (N, K//32) per block of 32 (GGUF Q8_0):
+- int8: `qweight` int8 (N, K); `scales` float32 or float16, (N, 1) per output channel, or (N, K//32) per block of
+  32 (GGUF Q8_0):
       w[n, k] = scales[n, k // block] * q[n, k]
+
+float16 scales hold the values of formats that store them in float16 (GGUF), losslessly and in half the bytes
+the kernels stream; every op computes with them converted to float32 (exact), so the dequantized weight is the
+same as with float32 scales of the same values. The round-to-nearest quantizers and the AWQ / GPTQ converters
+produce float32 (their offsets -z*s are not float16 values).
 
 Each device's kernels stream a prepacked layout instead (`flashgen::int4_prepack` / `int8_prepack`);
 `QuantizedWeight.packed()` builds it once per device and caches it.
@@ -122,11 +129,16 @@ class QuantizedWeight:
                 f"dtype={self.dtype}, device={self.device})")
 
 
-def _expect(t, name, dtype, shape):
+SCALE_DTYPES = (torch.float32, torch.float16)
+
+
+def _expect(t, name, dtypes, shape):
+    """t must be a tensor of one of `dtypes` (a dtype or a tuple of them) and of `shape`."""
     if not isinstance(t, torch.Tensor):
         raise TypeError(f"{name} must be a tensor, got {type(t).__name__}")
-    if t.dtype != dtype:
-        raise TypeError(f"{name} must be {dtype}, got {t.dtype}")
+    dtypes = dtypes if isinstance(dtypes, tuple) else (dtypes,)
+    if t.dtype not in dtypes:
+        raise TypeError(f"{name} must be {' or '.join(map(str, dtypes))}, got {t.dtype}")
     if tuple(t.shape) != tuple(shape):
         raise ValueError(f"{name} must have shape {tuple(shape)}, got {tuple(t.shape)}")
 
@@ -138,8 +150,10 @@ def _check_int4(qweight, scales, offsets, group_size, k):
         raise ValueError(f"int4: in_features {k} must be a multiple of group_size {group_size}")
     n = qweight.shape[0]
     _expect(qweight, "qweight", torch.uint8, (n, k // 2))
-    _expect(scales, "scales", torch.float32, (n, k // group_size))
-    _expect(offsets, "offsets", torch.float32, (n, k // group_size))
+    _expect(scales, "scales", SCALE_DTYPES, (n, k // group_size))
+    _expect(offsets, "offsets", SCALE_DTYPES, (n, k // group_size))
+    if offsets.dtype != scales.dtype:
+        raise TypeError(f"offsets must have the dtype of scales ({scales.dtype}), got {offsets.dtype}")
 
 
 def _check_int8(qweight, scales, offsets, block_size, k):
@@ -151,7 +165,7 @@ def _check_int8(qweight, scales, offsets, block_size, k):
         raise ValueError("int8 weights are symmetric: offsets must be None")
     n = qweight.shape[0]
     _expect(qweight, "qweight", torch.int8, (n, k))
-    _expect(scales, "scales", torch.float32, (n, k // block_size if block_size else 1))
+    _expect(scales, "scales", SCALE_DTYPES, (n, k // block_size if block_size else 1))
 
 
 def _check_weight(w):
@@ -213,8 +227,9 @@ def quantize_int8(w, block_size=None):
 #   Q4_0: fp16 d, 16 bytes; value j < 16 in the low nibble of byte j, value j+16 in its high nibble; w = d (q - 8)
 #   Q4_1: fp16 d, fp16 m, 16 bytes as Q4_0; w = d q + m
 #   Q8_0: fp16 d, 32 int8; w = d q
-# Our int4 takes s = d, m = -8d (Q4_0) or m (Q4_1) with g = 32; both products are exact in float32, so
-# dequantizing gives the very values ggml computes.
+# Our int4 takes s = d, m = -8d (Q4_0) or m (Q4_1) with g = 32, kept in float16 (-8d is d with the exponent
+# raised by 3: exact unless it overflows, then that tensor keeps float32); the products are exact in float32,
+# so dequantizing gives the very values ggml computes.
 _GGUF_BLOCK_BYTES = {"Q4_0": 18, "Q4_1": 20, "Q8_0": 34}
 
 
@@ -226,7 +241,15 @@ def _gguf_type_name(ggml_type):
 
 
 def _fp16_field(blocks, start):
-    return blocks[:, start:start + 2].contiguous().view(torch.float16).to(torch.float32).reshape(-1)
+    return blocks[:, start:start + 2].contiguous().view(torch.float16).reshape(-1)
+
+
+def _q4_0_offsets(d):
+    """m = -8 d for float16 block scales d: float16 when every |8 d| fits (then exact), else (d, m) in float32."""
+    m = -8 * d.to(torch.float32)
+    if (m.abs() <= torch.finfo(torch.float16).max).all():
+        return d, m.to(torch.float16)
+    return d.to(torch.float32), m
 
 
 def from_gguf(raw, ggml_type, shape, dtype=torch.float32):
@@ -251,7 +274,10 @@ def from_gguf(raw, ggml_type, shape, dtype=torch.float32):
         return QuantizedWeight(8, q, d.contiguous(), group_size=32, dtype=dtype)
     qs = blocks[:, bb - 16:]
     codes = torch.cat((qs & 0xF, qs >> 4), dim=1).reshape(n, k)
-    m = -8 * d if name == "Q4_0" else _fp16_field(blocks, 2).reshape(n, k // 32)
+    if name == "Q4_0":
+        d, m = _q4_0_offsets(d)
+    else:
+        m = _fp16_field(blocks, 2).reshape(n, k // 32)
     return QuantizedWeight(4, int4_pack(codes), d.contiguous(), m.contiguous(), group_size=32, dtype=dtype)
 
 

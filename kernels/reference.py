@@ -230,7 +230,9 @@ def flash_attn_kvcache(q, k_cache, v_cache, k, v, cache_seqlens, block_table, so
 
 
 # ---------------------------------------------------------------- quantized matmuls
-# Canonical layouts (the reference prepack keeps them): see kernels/quant.py.
+# Canonical layouts (the reference prepack keeps them): see kernels/quant.py. Scales and offsets (float32 or
+# float16) are converted to float64 before any arithmetic, so float16 ones give exactly what float32 ones of
+# the same values give.
 def _compute_dtype(x):
     return torch.float64 if x.dtype == torch.float64 else torch.float32
 

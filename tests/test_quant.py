@@ -6,6 +6,7 @@ they are checked twice against float64 products with the dequantized weight W:
 - tightly against x' W^T, x' the rounded activations (same float32 operations as the kernel): float32 error;
 - against x W^T within the documented bound sum_k |W[n, k]| d_b / 2 (d_b = max|x_b| / 127).
 W8A8 is checked against the float64 product of the quantized activations and weights (reference).
+Weights with float16 scales (and offsets) must give bit for bit what float32 ones of the same values give.
 """
 import pytest
 import torch
@@ -135,6 +136,44 @@ def test_dequantize_op_is_exact(bits, group, dtype):
     assert got.dtype == dtype and torch.equal(got, qw.dequantize(dtype))
 
 
+# ---------------------------------------------------------------- float16 scales (GGUF's own)
+def with_scale_dtype(qw, dtype):
+    """qw with its scales (and offsets) converted to dtype."""
+    conv = [t.to(dtype) if t is not None else None for t in (qw.scales, qw.offsets)]
+    return QuantizedWeight(qw.bits, qw.qweight, *conv, group_size=qw.group_size, shape=qw.shape, dtype=qw.dtype)
+
+
+def fp16_pair(bits, group, n, k):
+    """A weight with float16 scales (and offsets) and the same weight with those values in float32."""
+    qw = K.quantize_int4(torch.randn(n, k), group) if bits == 4 else K.quantize_int8(torch.randn(n, k), group)
+    half = with_scale_dtype(qw, torch.float16)
+    return half, with_scale_dtype(half, torch.float32)
+
+
+@pytest.mark.parametrize("bits,group,k", [(4, 32, 96), (4, 64, 192), (4, 128, 384), (8, None, 101), (8, 32, 160)])
+@pytest.mark.parametrize("isa", ["vnni", "avx2"], indirect=True)
+def test_float16_scales_match_float32(isa, bits, group, k):
+    n = 37  # odd: a partial tile
+    half, full = fp16_pair(bits, group, n, k)
+    packed = half.packed()
+    assert all(t.dtype == torch.float16 for t in packed[1:])
+    assert [t.shape for t in packed] == [t.shape for t in full.packed()]
+    assert torch.equal(half.dequantize(), full.dequantize())
+    if bits == 4:
+        assert torch.equal(torch.ops.flashgen.int4_dequantize(*packed, group, n, k, torch.float32),
+                           full.dequantize(torch.float32))
+        linears = [K.int4_linear]
+    else:
+        assert torch.equal(torch.ops.flashgen.int8_dequantize(*packed, n, k, torch.float32),
+                           full.dequantize(torch.float32))
+        linears = [K.int8_linear, K.int8_linear_dynamic]
+    for m in (1, 3, 67):
+        x = torch.randn(m, k)
+        for linear in linears:
+            assert torch.equal(linear(x, half), linear(x, full)), linear.__name__
+        check_weight_only(linears[0](x, half), x, full.dequantize(torch.float64))  # weight-only
+
+
 def test_reference_fallback_matches_float64():
     # the CompositeExplicitAutograd fallback (devices without a kernel) on the canonical tensors
     qw = K.quantize_int4(torch.randn(10, 64), 32)
@@ -175,11 +214,13 @@ def test_quantize_int8_error_bound(block_size):
 
 
 def test_quantized_weight_save_load_and_to(tmp_path):
-    for qw in (K.quantize_int4(torch.randn(6, 64), 64), K.quantize_int8(torch.randn(6, 40).half())):
+    q4, q8 = K.quantize_int4(torch.randn(6, 64), 64), K.quantize_int8(torch.randn(6, 40).half())
+    for qw in (q4, q8, with_scale_dtype(q4, torch.float16), with_scale_dtype(q8, torch.float16)):
         path = str(tmp_path / "w.safetensors")
         qw.save(path)
         back = QuantizedWeight.load(path)
         assert (back.bits, back.shape, back.group_size, back.dtype) == (qw.bits, qw.shape, qw.group_size, qw.dtype)
+        assert [t.dtype for t in back.tensors()] == [t.dtype for t in qw.tensors()]
         assert torch.equal(back.dequantize(), qw.dequantize())
         moved = qw.to("meta")
         assert moved.device.type == "meta" and moved.shape == qw.shape
@@ -201,12 +242,12 @@ def test_grad_wrt_x_and_bias(kind):
     torch.testing.assert_close(bias.grad, dy.sum((0, 1)))
 
 
-def _op_samples():
+def _op_samples(scale_dtype):
     n, k = 19, 128
     x = torch.randn(3, k, requires_grad=True)
     bias = torch.randn(n)
-    q4 = K.quantize_int4(torch.randn(n, k), 64)
-    q8 = K.quantize_int8(torch.randn(n, k), 32)
+    q4 = with_scale_dtype(K.quantize_int4(torch.randn(n, k), 64), scale_dtype)
+    q8 = with_scale_dtype(K.quantize_int8(torch.randn(n, k), 32), scale_dtype)
     f = torch.ops.flashgen
     return [
         (f.int4_prepack.default, (*q4.tensors(), 64)),
@@ -220,8 +261,9 @@ def _op_samples():
 
 
 @pytest.mark.parametrize("index", range(7))
-def test_opcheck(index):
-    op, args = _op_samples()[index]
+@pytest.mark.parametrize("scale_dtype", [torch.float32, torch.float16])
+def test_opcheck(index, scale_dtype):
+    op, args = _op_samples(scale_dtype)[index]
     torch.library.opcheck(op, args)
 
 
@@ -312,3 +354,35 @@ def test_bad_inputs():
         QuantizedWeight(4, qw.qweight, qw.scales, None, group_size=32)
     with pytest.raises(ValueError, match="offsets must be None"):
         QuantizedWeight(8, q8.qweight, q8.scales, q8.scales, group_size=None)
+
+
+def test_bad_scale_dtypes():
+    qw = K.quantize_int4(torch.randn(16, 64), 32)
+    q8 = K.quantize_int8(torch.randn(16, 64))
+    s16, m16 = qw.scales.half(), qw.offsets.half()
+    with pytest.raises(TypeError, match="offsets must have the dtype of scales"):
+        QuantizedWeight(4, qw.qweight, s16, qw.offsets, group_size=32)
+    with pytest.raises(TypeError, match="scales must be torch.float32 or torch.float16, got torch.bfloat16"):
+        QuantizedWeight(4, qw.qweight, qw.scales.bfloat16(), qw.offsets.bfloat16(), group_size=32)
+    with pytest.raises(TypeError, match="scales must be torch.float32 or torch.float16, got torch.float64"):
+        QuantizedWeight(8, q8.qweight, q8.scales.double())
+    f = torch.ops.flashgen
+    with pytest.raises(RuntimeError, match="int4_prepack: offsets must have the dtype of scales"):
+        f.int4_prepack(qw.qweight, s16, qw.offsets, 32)
+    with pytest.raises(RuntimeError, match="int4_prepack: scales must be float32 or float16, got BFloat16"):
+        f.int4_prepack(qw.qweight, qw.scales.bfloat16(), qw.offsets.bfloat16(), 32)
+    with pytest.raises(RuntimeError, match="int8_prepack: scales must be float32 or float16, got BFloat16"):
+        f.int8_prepack(q8.qweight, q8.scales.bfloat16())
+    qweight, scales, offsets = with_scale_dtype(qw, torch.float16).packed()
+    x = torch.randn(2, 64)
+    for op, args in ((f.int4_linear, (x, qweight, scales, offsets.float(), 32, 16, None)),
+                     (f.int4_dequantize, (qweight, scales, offsets.float(), 32, 16, 64, torch.float32))):
+        with pytest.raises(RuntimeError, match="offsets must have the dtype of scales"):
+            op(*args)
+    q8w, q8s = q8.packed()
+    for op, args in ((f.int8_linear, (x, q8w, q8s.bfloat16(), 16, None)),
+                     (f.int8_linear_dynamic, (x, q8w, q8s.bfloat16(), 16, None)),
+                     (f.int8_dequantize, (q8w, q8s.bfloat16(), 16, 64, torch.float32)),
+                     (f.int4_linear, (x, qweight, scales.bfloat16(), offsets.bfloat16(), 32, 16, None))):
+        with pytest.raises(RuntimeError, match="scales must be float32 or float16, got BFloat16"):
+            op(*args)

@@ -6,11 +6,12 @@ import torch
 from gguf import GGMLQuantizationType
 from gguf import quants as gguf_quants
 
-from flashgen.kernels.quant import from_awq, from_gguf, from_gptq
+import flashgen.kernels as K
+from flashgen.kernels.quant import QuantizedWeight, from_awq, from_gguf, from_gptq
 
 
 @pytest.mark.parametrize("name", ["Q4_0", "Q4_1", "Q8_0"])
-def test_gguf_bit_exact(name):
+def test_gguf_bit_exact(name, monkeypatch):
     n, k = 7, 160
     qtype = GGMLQuantizationType[name]
     w = (np.random.randn(n, k) * np.random.rand(n, 1) * 3).astype(np.float32)
@@ -18,6 +19,9 @@ def test_gguf_bit_exact(name):
     expect = torch.from_numpy(gguf_quants.dequantize(raw, qtype).astype(np.float32))
     qw = from_gguf(raw, qtype, (n, k))
     assert qw.bits == (8 if name == "Q8_0" else 4) and qw.group_size == 32
+    # the block scales (and Q4_1's mins, Q4_0's -8d) stay float16, as stored
+    assert [t.dtype for t in qw.tensors()[1:]] == [torch.float16] * (2 if qw.bits == 4 else 1)
+    assert [t.dtype for t in qw.packed()[1:]] == [torch.float16] * (2 if qw.bits == 4 else 1)
     assert torch.equal(qw.dequantize(torch.float32), expect)
     assert torch.equal(from_gguf(raw.tobytes(), name, (n, k)).dequantize(torch.float32), expect)
     # and through the CPU kernels' layout
@@ -26,6 +30,26 @@ def test_gguf_bit_exact(name):
     else:
         got = torch.ops.flashgen.int8_dequantize(*qw.packed(), n, k, torch.float32)
     assert torch.equal(got, expect)
+    # the CPU linears give what float32 scales of the same values give, on both ISA paths
+    full = QuantizedWeight(qw.bits, qw.qweight, *(t.float() for t in qw.tensors()[1:]), group_size=32)
+    linears = [K.int4_linear] if qw.bits == 4 else [K.int8_linear, K.int8_linear_dynamic]
+    x = torch.randn(5, k)
+    for isa in ("vnni", "avx2"):
+        monkeypatch.setenv("FLASHGEN_QUANT_ISA", isa)
+        for linear in linears:
+            assert torch.equal(linear(x, qw), linear(x, full)), (isa, linear.__name__)
+
+
+def test_gguf_q4_0_offsets_beyond_float16_fall_back_to_float32():
+    n, k = 2, 64
+    d = np.array([[60000.0, 1.0], [2.0, -9000.0]], dtype=np.float16)  # |8d| = 480000 and 72000 overflow float16
+    codes = np.random.randint(0, 256, (n, k // 32, 16), dtype=np.uint8)
+    raw = np.concatenate([d[..., None].view(np.uint8), codes], axis=-1).reshape(n, -1)
+    expect = torch.from_numpy(gguf_quants.dequantize(raw, GGMLQuantizationType.Q4_0).astype(np.float32))
+    qw = from_gguf(raw, "Q4_0", (n, k))
+    assert qw.scales.dtype == qw.offsets.dtype == torch.float32
+    assert torch.equal(qw.dequantize(torch.float32), expect)
+    assert torch.equal(torch.ops.flashgen.int4_dequantize(*qw.packed(), 32, n, k, torch.float32), expect)
 
 
 def test_gguf_bad_input():
@@ -83,6 +107,7 @@ def test_awq_bit_exact(g):
     exact, fp16 = reference_dequant(q_ref, z_ref, s, g)
     qw = from_awq(qweight, qzeros, s)
     assert qw.shape == (n, k) and qw.group_size == g
+    assert qw.scales.dtype == qw.offsets.dtype == torch.float32  # -z s is no float16 value in general
     assert torch.equal(qw.dequantize(torch.float64), exact)
     assert torch.equal(qw.dequantize(torch.float16), fp16)
 

@@ -13,6 +13,7 @@ from triton_interp import poisoned  # isort: skip  (sets TRITON_INTERPRET before
 import pytest  # noqa: E402
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
+from torch._subclasses.fake_tensor import FakeTensorMode  # noqa: E402
 
 from flashgen.kernels import reference  # noqa: E402
 from flashgen.kernels.triton import quant as tq  # noqa: E402
@@ -240,6 +241,33 @@ def test_prepack_is_canonical_copy():
     qweight, scales = int8_weight(N, 64, True)
     for got, src in zip(tq.int8_prepack(qweight, scales), (qweight, scales)):
         assert torch.equal(got, src) and got.data_ptr() != src.data_ptr()
+
+
+def test_prepack_turns_float16_scales_into_float32():
+    """Canonical float16 scales (GGUF's) are prepacked into the float32 the CUDA kernels take, the same values,
+    and the CUDA fakes say float32 too."""
+    qweight, scales, offsets = int4_weight(N, 64, 32)
+    s16, m16 = scales.half(), offsets.half()
+    packed = tq.int4_prepack(qweight, s16, m16, 32)
+    for got, src in zip(packed, (qweight, s16, m16)):
+        assert got.dtype == (src.dtype if src is qweight else torch.float32) and torch.equal(got, src.to(got.dtype))
+    q8, s8 = int8_weight(N, 64, True)
+    got = tq.int8_prepack(q8, s8.half())[1]
+    assert got.dtype == torch.float32 and torch.equal(got, s8.half().float())
+    x = activations(3, 64, torch.float16)
+    with poisoned():
+        out = tq.int4_linear(x, *packed, 32, N, None)
+    check_linear(out, x, int4_dequantized(qweight, s16, m16, 32), None)
+    with FakeTensorMode():
+        fake = [torch.empty(t.shape, dtype=t.dtype, device="cuda") for t in (qweight, s16, m16, q8)]
+        assert [t.dtype for t in torch.ops.flashgen.int4_prepack(*fake[:3], 32)] == [torch.uint8] + [torch.float32] * 2
+        assert [t.dtype for t in torch.ops.flashgen.int8_prepack(fake[3], fake[1])] == [torch.int8, torch.float32]
+    with pytest.raises(ValueError, match="offsets must have the dtype of scales"):
+        tq.int4_prepack(qweight, s16, offsets, 32)
+    with pytest.raises(ValueError, match="scales must be float32 or float16 of shape"):
+        tq.int8_prepack(q8, s8.bfloat16())
+    with pytest.raises(ValueError, match="scales must be float32 of shape"):  # canonical float16: not prepacked
+        tq.int4_linear(x, qweight, s16, m16, 32, N, None)
 
 
 def test_wrappers_match_op_schemas():

@@ -9,14 +9,18 @@
 //
 //   int4 qweight uint8 (T, K/32, 256):  byte v*64 + r*4 + j  (v < 4, r < 16, j < 4) holds
 //        low nibble  q[16t + r, 32b + 8v + j],  high nibble  q[16t + r, 32b + 8v + 4 + j]
-//   int4 scales, offsets float32 (T, K/g, 16): [t, i, r] = canonical [16t + r, i]
+//   int4 scales, offsets (T, K/g, 16): [t, i, r] = canonical [16t + r, i]
 //   int8 qweight int8 (T, Kb, 576): bytes v*64 + r*4 + j (v < 8) hold w[16t + r, 32b + 4v + j];
 //        bytes 512 + 4r .. 512 + 4r + 3 hold int32 sum_j w[16t + r, 32b + j] (the VNNI kernel feeds
 //        activations as unsigned a + 128 and subtracts 128 * that sum)
-//   int8 scales float32 (T, 1, 16) per channel or (T, Kb, 16) per block of 32.
+//   int8 scales (T, 1, 16) per channel or (T, Kb, 16) per block of 32.
+// Scales and offsets keep the canonical dtype, float32 or float16 (GGUF's own, half the bytes to stream); the
+// kernels convert each 16 (or 8) of them to float32 as they load them, which is exact.
 #pragma once
 
 #include <ATen/ATen.h>
+
+#include <c10/util/Half.h>
 
 #include <cstdint>
 #include <vector>
@@ -47,21 +51,35 @@ struct QuantActs {
 QuantActs quantize_acts_into(const float* x, int64_t m, int64_t k, int64_t d_cols, bool per_row, int64_t group,
                              int8_t* a, float* d, float* xsum);
 
-// out (M, N) float32 = activations x packed weights, by the AVX-512 VNNI kernel or the AVX2 one.
+// out (M, N) float32 = activations x packed weights, by the AVX-512 VNNI kernel or the AVX2 one; S, the type of
+// the scales and offsets, is float or at::Half (instantiated in quant_kernels.cpp).
 // blocks_per_group: int4 g/32. int8: scale_blocks is the Kb of the packed scales (1 = per channel), and
 // whole_row says the activation scale is one per row (W8A8): the kernel then accumulates the whole row in int32.
-void int4_gemm(const QuantActs& x, int64_t m, const uint8_t* w, const float* scales, const float* offsets,
-               int64_t n, int64_t kb, int64_t blocks_per_group, float* out, bool vnni);
-void int8_gemm(const QuantActs& x, int64_t m, const int8_t* w, const float* scales, int64_t scale_blocks,
-               int64_t n, int64_t kb, bool whole_row, float* out, bool vnni);
+template <class S>
+void int4_gemm(const QuantActs& x, int64_t m, const uint8_t* w, const S* scales, const S* offsets, int64_t n,
+               int64_t kb, int64_t blocks_per_group, float* out, bool vnni);
+template <class S>
+void int8_gemm(const QuantActs& x, int64_t m, const int8_t* w, const S* scales, int64_t scale_blocks, int64_t n,
+               int64_t kb, bool whole_row, float* out, bool vnni);
 bool use_vnni();  // AVX-512 VNNI present and not disabled by FLASHGEN_QUANT_ISA=avx2
 
 // Input checks shared by the ops and the decoder step (TORCH_CHECK with `op` in the message); k, n are the
 // in / out features. check_int8_packed returns the scale blocks (1 = per channel).
+// check_scale_dtypes: scales float32 or float16 and, when given, offsets of the same dtype.
+void check_scale_dtypes(const char* op, const at::Tensor& scales, const at::Tensor* offsets = nullptr);
 void check_int4_packed(const char* op, const at::Tensor& qweight, const at::Tensor& scales, const at::Tensor& offsets,
                        int64_t k, int64_t n, int64_t group_size);
 int64_t check_int8_packed(const char* op, const at::Tensor& qweight, const at::Tensor& scales, int64_t k, int64_t n);
 void check_bias(const at::Tensor& bias, int64_t n, const char* op);
+
+// f(S{}) with S the C++ type of checked scales: float (float32) or at::Half (float16).
+template <class F>
+void with_scale_type(const at::Tensor& scales, F&& f) {
+  if (scales.scalar_type() == at::kHalf)
+    f(at::Half{});
+  else
+    f(float{});
+}
 
 // Buffers for the quantized activations, grown on demand and reused across calls.
 class ActScratch {

@@ -7,6 +7,7 @@
 //   int8: y[r, n] = sum_b sw[n, b] * d[r, b] * dot_b(a[r], q[n])   (whole_row: sw[n] * d[r] * sum_b dot_b)
 // The weights of a tile-block are unpacked once and reused by the R rows (the blocked GEMM for large M);
 // at::parallel_for (OpenMP, torch's thread count) splits the tiles (output features) between threads.
+// Scales and offsets S are float or at::Half (F16C converts 16 or 8 of them at once, exactly).
 #include <ATen/Parallel.h>
 #include <immintrin.h>
 
@@ -34,9 +35,15 @@ inline int32_t load4(const int8_t* p) {
 }
 
 // ---------------------------------------------------------------- AVX-512 VNNI
-template <int R>
-FLASHGEN_AVX512_VNNI void int4_tile_vnni(const QuantActs& x, const uint8_t* w, const float* sc, const float* of,
-                                         int64_t kb, int64_t bpg, float* out) {
+// 16 scales (or offsets) as float32
+FLASHGEN_AVX512_VNNI inline __m512 load16(const float* p) { return _mm512_loadu_ps(p); }
+FLASHGEN_AVX512_VNNI inline __m512 load16(const at::Half* p) {
+  return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+}
+
+template <int R, class S>
+FLASHGEN_AVX512_VNNI void int4_tile_vnni(const QuantActs& x, const uint8_t* w, const S* sc, const S* of, int64_t kb,
+                                         int64_t bpg, float* out) {
   const __m512i low = _mm512_set1_epi8(0x0F);
   __m512 acc[R];
   for (int r = 0; r < R; ++r) acc[r] = _mm512_setzero_ps();
@@ -60,8 +67,8 @@ FLASHGEN_AVX512_VNNI void int4_tile_vnni(const QuantActs& x, const uint8_t* w, c
       for (int r = 0; r < R; ++r)
         gacc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(iacc[r]), _mm512_set1_ps(x.d[r * x.d_stride + b]), gacc[r]);
     }
-    const __m512 s = _mm512_loadu_ps(sc + gi * kTileRows);
-    const __m512 m = _mm512_loadu_ps(of + gi * kTileRows);
+    const __m512 s = load16(sc + gi * kTileRows);
+    const __m512 m = load16(of + gi * kTileRows);
     for (int r = 0; r < R; ++r) {
       acc[r] = _mm512_fmadd_ps(gacc[r], s, acc[r]);
       acc[r] = _mm512_fmadd_ps(m, _mm512_set1_ps(x.xsum[r * x.xsum_stride + gi]), acc[r]);
@@ -72,8 +79,8 @@ FLASHGEN_AVX512_VNNI void int4_tile_vnni(const QuantActs& x, const uint8_t* w, c
 
 // VNNI multiplies unsigned by signed bytes: the activations go in as a + 128 (flip the sign bit) and the
 // block's precomputed weight row sums take the 128 * sum(w) back out.
-template <int R>
-FLASHGEN_AVX512_VNNI void int8_tile_vnni(const QuantActs& x, const int8_t* w, const float* sc, int64_t sblocks,
+template <int R, class S>
+FLASHGEN_AVX512_VNNI void int8_tile_vnni(const QuantActs& x, const int8_t* w, const S* sc, int64_t sblocks,
                                          int64_t kb, bool whole_row, float* out) {
   const __m512i flip = _mm512_set1_epi32(static_cast<int32_t>(0x80808080u));
   __m512 acc[R];
@@ -91,7 +98,7 @@ FLASHGEN_AVX512_VNNI void int8_tile_vnni(const QuantActs& x, const int8_t* w, co
     const __m512i bias128 = _mm512_slli_epi32(_mm512_loadu_si512(wb + kInt8CodeBytes), 7);
     for (int r = 0; r < R; ++r) iacc[r] = _mm512_sub_epi32(iacc[r], bias128);
     if (!whole_row) {
-      const __m512 s = _mm512_loadu_ps(sc + (sblocks == 1 ? 0 : b) * kTileRows);
+      const __m512 s = load16(sc + (sblocks == 1 ? 0 : b) * kTileRows);
       for (int r = 0; r < R; ++r) {
         acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(iacc[r]), _mm512_mul_ps(s, _mm512_set1_ps(x.d[r * x.d_stride + b])),
                                  acc[r]);
@@ -100,7 +107,7 @@ FLASHGEN_AVX512_VNNI void int8_tile_vnni(const QuantActs& x, const int8_t* w, co
     }
   }
   if (whole_row) {
-    const __m512 s = _mm512_loadu_ps(sc);
+    const __m512 s = load16(sc);
     for (int r = 0; r < R; ++r)
       acc[r] = _mm512_mul_ps(_mm512_cvtepi32_ps(iacc[r]), _mm512_mul_ps(s, _mm512_set1_ps(x.d[r * x.d_stride])));
   }
@@ -110,8 +117,12 @@ FLASHGEN_AVX512_VNNI void int8_tile_vnni(const QuantActs& x, const int8_t* w, co
 // ---------------------------------------------------------------- AVX2 (each 256-bit half: 8 rows)
 inline __m256i bcast4(const int8_t* p) { return _mm256_set1_epi32(load4(p)); }
 
-template <int R>
-void int4_tile_avx2(const QuantActs& x, const uint8_t* w, const float* sc, const float* of, int64_t kb, int64_t bpg,
+// 8 scales (or offsets) as float32
+inline __m256 load8(const float* p) { return _mm256_loadu_ps(p); }
+inline __m256 load8(const at::Half* p) { return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))); }
+
+template <int R, class S>
+void int4_tile_avx2(const QuantActs& x, const uint8_t* w, const S* sc, const S* of, int64_t kb, int64_t bpg,
                     float* out) {
   const __m256i low = _mm256_set1_epi8(0x0F), ones = _mm256_set1_epi16(1);
   for (int h = 0; h < 2; ++h) {
@@ -139,8 +150,8 @@ void int4_tile_avx2(const QuantActs& x, const uint8_t* w, const float* sc, const
           gacc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_madd_epi16(s16[r], ones)),
                                     _mm256_set1_ps(x.d[r * x.d_stride + b]), gacc[r]);
       }
-      const __m256 s = _mm256_loadu_ps(sc + gi * kTileRows + h * 8);
-      const __m256 m = _mm256_loadu_ps(of + gi * kTileRows + h * 8);
+      const __m256 s = load8(sc + gi * kTileRows + h * 8);
+      const __m256 m = load8(of + gi * kTileRows + h * 8);
       for (int r = 0; r < R; ++r) {
         acc[r] = _mm256_fmadd_ps(gacc[r], s, acc[r]);
         acc[r] = _mm256_fmadd_ps(m, _mm256_set1_ps(x.xsum[r * x.xsum_stride + gi]), acc[r]);
@@ -152,8 +163,8 @@ void int4_tile_avx2(const QuantActs& x, const uint8_t* w, const float* sc, const
 
 // maddubs is unsigned x signed with int16 saturation: |w| x sign(a, w) keeps every pair sum within
 // 2 * 128 * 127 = 32512, so it is exact for any int8 weight (and activations in [-127, 127]).
-template <int R>
-void int8_tile_avx2(const QuantActs& x, const int8_t* w, const float* sc, int64_t sblocks, int64_t kb, bool whole_row,
+template <int R, class S>
+void int8_tile_avx2(const QuantActs& x, const int8_t* w, const S* sc, int64_t sblocks, int64_t kb, bool whole_row,
                     float* out) {
   const __m256i ones = _mm256_set1_epi16(1);
   for (int h = 0; h < 2; ++h) {
@@ -171,7 +182,7 @@ void int8_tile_avx2(const QuantActs& x, const int8_t* w, const float* sc, int64_
         }
       }
       if (!whole_row) {
-        const __m256 s = _mm256_loadu_ps(sc + (sblocks == 1 ? 0 : b) * kTileRows + h * 8);
+        const __m256 s = load8(sc + (sblocks == 1 ? 0 : b) * kTileRows + h * 8);
         for (int r = 0; r < R; ++r) {
           acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(iacc[r]), _mm256_mul_ps(s, _mm256_set1_ps(x.d[r * x.d_stride + b])),
                                    acc[r]);
@@ -180,7 +191,7 @@ void int8_tile_avx2(const QuantActs& x, const int8_t* w, const float* sc, int64_
       }
     }
     if (whole_row) {
-      const __m256 s = _mm256_loadu_ps(sc + h * 8);
+      const __m256 s = load8(sc + h * 8);
       for (int r = 0; r < R; ++r)
         acc[r] = _mm256_mul_ps(_mm256_cvtepi32_ps(iacc[r]), _mm256_mul_ps(s, _mm256_set1_ps(x.d[r * x.d_stride])));
     }
@@ -231,13 +242,14 @@ void run_tiles(const QuantActs& x, int64_t m, int64_t n, int64_t kb, float* out,
 
 }  // namespace
 
-void int4_gemm(const QuantActs& x, int64_t m, const uint8_t* w, const float* scales, const float* offsets, int64_t n,
+template <class S>
+void int4_gemm(const QuantActs& x, int64_t m, const uint8_t* w, const S* scales, const S* offsets, int64_t n,
                int64_t kb, int64_t bpg, float* out, bool vnni) {
   const int64_t groups = kb / bpg;
   run_tiles(x, m, n, kb, out, [&](int64_t t, const QuantActs& xr, auto R, float* buf) {
     const uint8_t* wt = w + t * kb * kInt4TileBytes;
-    const float* st = scales + t * groups * kTileRows;
-    const float* ot = offsets + t * groups * kTileRows;
+    const S* st = scales + t * groups * kTileRows;
+    const S* ot = offsets + t * groups * kTileRows;
     if (vnni)
       int4_tile_vnni<decltype(R)::value>(xr, wt, st, ot, kb, bpg, buf);
     else
@@ -245,16 +257,26 @@ void int4_gemm(const QuantActs& x, int64_t m, const uint8_t* w, const float* sca
   });
 }
 
-void int8_gemm(const QuantActs& x, int64_t m, const int8_t* w, const float* scales, int64_t sblocks, int64_t n,
+template <class S>
+void int8_gemm(const QuantActs& x, int64_t m, const int8_t* w, const S* scales, int64_t sblocks, int64_t n,
                int64_t kb, bool whole_row, float* out, bool vnni) {
   run_tiles(x, m, n, kb, out, [&](int64_t t, const QuantActs& xr, auto R, float* buf) {
     const int8_t* wt = w + t * kb * kInt8TileBytes;
-    const float* st = scales + t * sblocks * kTileRows;
+    const S* st = scales + t * sblocks * kTileRows;
     if (vnni)
       int8_tile_vnni<decltype(R)::value>(xr, wt, st, sblocks, kb, whole_row, buf);
     else
       int8_tile_avx2<decltype(R)::value>(xr, wt, st, sblocks, kb, whole_row, buf);
   });
 }
+
+#define FLASHGEN_QUANT_GEMMS(S)                                                                                     \
+  template void int4_gemm<S>(const QuantActs&, int64_t, const uint8_t*, const S*, const S*, int64_t, int64_t,       \
+                             int64_t, float*, bool);                                                                \
+  template void int8_gemm<S>(const QuantActs&, int64_t, const int8_t*, const S*, int64_t, int64_t, int64_t, bool,   \
+                             float*, bool);
+FLASHGEN_QUANT_GEMMS(float)
+FLASHGEN_QUANT_GEMMS(at::Half)
+#undef FLASHGEN_QUANT_GEMMS
 
 }  // namespace flashgen::cpu::quant

@@ -112,30 +112,38 @@ at::Tensor flat_float(const at::Tensor& x) { return x.reshape({-1, x.size(-1)}).
 
 }  // namespace
 
+void check_scale_dtypes(const char* op, const at::Tensor& scales, const at::Tensor* offsets) {
+  TORCH_CHECK(scales.scalar_type() == at::kFloat || scales.scalar_type() == at::kHalf, op,
+              ": scales must be float32 or float16, got ", scales.scalar_type());
+  TORCH_CHECK(!offsets || offsets->scalar_type() == scales.scalar_type(), op,
+              ": offsets must have the dtype of scales (", scales.scalar_type(), "), got ", offsets->scalar_type());
+}
+
 void check_int4_packed(const char* op, const at::Tensor& qweight, const at::Tensor& scales, const at::Tensor& offsets,
                        int64_t k, int64_t n, int64_t group_size) {
   TORCH_CHECK(group_size == 32 || group_size == 64 || group_size == 128, op,
               ": group_size must be 32, 64 or 128, got ", group_size);
   TORCH_CHECK(n > 0, op, ": out_features must be positive, got ", n);
-  TORCH_CHECK(k > 0 && k % group_size == 0, op, ": in_features (x.size(-1) = ", k,
-              ") must be a positive multiple of group_size ", group_size);
+  TORCH_CHECK(k > 0 && k % group_size == 0, op, ": in_features (", k, ") must be a positive multiple of group_size ",
+              group_size);
   const int64_t groups = k / group_size;
   check_packed(qweight, op, "qweight", at::kByte, {tiles(n), k / kBlock, kInt4TileBytes});
-  check_packed(scales, op, "scales", at::kFloat, {tiles(n), groups, kTileRows});
-  check_packed(offsets, op, "offsets", at::kFloat, {tiles(n), groups, kTileRows});
+  check_scale_dtypes(op, scales, &offsets);
+  check_packed(scales, op, "scales", scales.scalar_type(), {tiles(n), groups, kTileRows});
+  check_packed(offsets, op, "offsets", scales.scalar_type(), {tiles(n), groups, kTileRows});
 }
 
 int64_t check_int8_packed(const char* op, const at::Tensor& qweight, const at::Tensor& scales, int64_t k, int64_t n) {
   const int64_t kb = blocks(k);
-  TORCH_CHECK(n > 0 && k > 0, op, ": in_features (x.size(-1) = ", k, ") and out_features (", n,
-              ") must be positive");
+  TORCH_CHECK(n > 0 && k > 0, op, ": in_features (", k, ") and out_features (", n, ") must be positive");
   check_packed(qweight, op, "qweight", at::kChar, {tiles(n), kb, kInt8TileBytes});
   TORCH_CHECK(scales.dim() == 3 && (scales.size(1) == 1 || scales.size(1) == kb), op,
               ": scales must be (tiles, 1 or in_features/32, 16) as prepacked, got ", scales.sizes());
   const int64_t sblocks = scales.size(1);
   TORCH_CHECK(sblocks == 1 || k % kBlock == 0, op, ": per-block scales need in_features (", k,
               ") to be a multiple of 32");
-  check_packed(scales, op, "scales", at::kFloat, {tiles(n), sblocks, kTileRows});
+  check_scale_dtypes(op, scales);
+  check_packed(scales, op, "scales", scales.scalar_type(), {tiles(n), sblocks, kTileRows});
   return sblocks;
 }
 
@@ -150,8 +158,11 @@ void int4_linear_rows(const float* x, int64_t m, int64_t k, const at::Tensor& qw
   if (m == 0) return;
   const QuantActs acts = quantize_acts_into(x, m, k, blocks(k), false, group_size, scratch.a(m, k),
                                             scratch.d(m * blocks(k)), scratch.xsum(m * (k / group_size)));
-  int4_gemm(acts, m, qweight.data_ptr<uint8_t>(), scales.data_ptr<float>(), offsets.data_ptr<float>(), n, blocks(k),
-            group_size / kBlock, y, use_vnni());
+  with_scale_type(scales, [&](auto type) {
+    using S = decltype(type);
+    int4_gemm(acts, m, qweight.data_ptr<uint8_t>(), scales.data_ptr<S>(), offsets.data_ptr<S>(), n, blocks(k),
+              group_size / kBlock, y, use_vnni());
+  });
 }
 
 void int8_linear_rows(const float* x, int64_t m, int64_t k, const at::Tensor& qweight, const at::Tensor& scales,
@@ -162,7 +173,10 @@ void int8_linear_rows(const float* x, int64_t m, int64_t k, const at::Tensor& qw
   const int64_t d_cols = whole_row ? 1 : kb;
   const QuantActs acts = quantize_acts_into(x, m, k, d_cols, dynamic, 0, scratch.a(m, k), scratch.d(m * d_cols),
                                             nullptr);
-  int8_gemm(acts, m, qweight.data_ptr<int8_t>(), scales.data_ptr<float>(), sblocks, n, kb, whole_row, y, use_vnni());
+  with_scale_type(scales, [&](auto type) {
+    using S = decltype(type);
+    int8_gemm(acts, m, qweight.data_ptr<int8_t>(), scales.data_ptr<S>(), sblocks, n, kb, whole_row, y, use_vnni());
+  });
 }
 
 namespace {

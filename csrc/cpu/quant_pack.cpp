@@ -1,7 +1,8 @@
 // flashgen::int4_prepack / int8_prepack (canonical -> the CPU layout of quant.h) and int4_dequantize /
 // int8_dequantize (CPU layout -> dense W (out_features, in_features)) for CPU tensors.
-// Dequantization is exact in float32: w = fma(s, q, m) (one rounding, as the reference) and w = s * q;
-// other dtypes are rounded once from float32.
+// Dequantization is exact in float32: w = fma(s, q, m) (one rounding, as the reference) and w = s * q, with
+// float16 scales and offsets converted to float32 first (exact); other dtypes are rounded once from float32.
+// Prepacking keeps the scales' dtype (float32 or float16).
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -52,8 +53,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> int4_prepack_cpu(const at::Tensor
   TORCH_CHECK(n > 0 && k > 0 && k % group_size == 0, op, ": in_features ", k, " must be a positive multiple of group_size ",
               group_size);
   check_canonical(qweight, op, "qweight", at::kByte, n, k / 2);
-  check_canonical(scales, op, "scales", at::kFloat, n, k / group_size);
-  check_canonical(offsets, op, "offsets", at::kFloat, n, k / group_size);
+  check_scale_dtypes(op, scales, &offsets);
+  check_canonical(scales, op, "scales", scales.scalar_type(), n, k / group_size);
+  check_canonical(offsets, op, "offsets", scales.scalar_type(), n, k / group_size);
   const at::Tensor q = qweight.contiguous();
   const int64_t kb = k / kBlock;
   at::Tensor out = at::zeros({tiles(n), kb, kInt4TileBytes}, q.options());
@@ -81,7 +83,8 @@ std::tuple<at::Tensor, at::Tensor> int8_prepack_cpu(const at::Tensor& qweight, c
   TORCH_CHECK(scales.dim() == 2 && (scales.size(1) == 1 || (k % kBlock == 0 && scales.size(1) == kb)), op,
               ": scales must be (out_features, 1) per channel or (out_features, in_features / 32) per block of 32, got ",
               scales.sizes(), " for in_features ", k);
-  check_canonical(scales, op, "scales", at::kFloat, n, scales.size(1));
+  check_scale_dtypes(op, scales);
+  check_canonical(scales, op, "scales", scales.scalar_type(), n, scales.size(1));
   const at::Tensor q = qweight.contiguous();
   at::Tensor out = at::zeros({tiles(n), kb, kInt8TileBytes}, q.options());
   const int8_t* src = q.data_ptr<int8_t>();
@@ -113,20 +116,11 @@ at::Tensor int4_dequantize_cpu(const at::Tensor& qweight, const at::Tensor& scal
                                int64_t group_size, int64_t n, int64_t k, at::ScalarType dtype) {
   const char* op = "flashgen::int4_dequantize";
   check_dequant_args(op, n, k, dtype);
-  TORCH_CHECK(group_size == 32 || group_size == 64 || group_size == 128, op,
-              ": group_size must be 32, 64 or 128, got ", group_size);
-  TORCH_CHECK(k % group_size == 0, op, ": in_features ", k, " must be a multiple of group_size ", group_size);
+  check_int4_packed(op, qweight, scales, offsets, k, n, group_size);
   const int64_t kb = k / kBlock;
-  for (auto [t, name, dt, shape] :
-       {std::tuple{&qweight, "qweight", at::kByte, std::vector<int64_t>{tiles(n), kb, kInt4TileBytes}},
-        std::tuple{&scales, "scales", at::kFloat, std::vector<int64_t>{tiles(n), k / group_size, kTileRows}},
-        std::tuple{&offsets, "offsets", at::kFloat, std::vector<int64_t>{tiles(n), k / group_size, kTileRows}}}) {
-    TORCH_CHECK(t->device().is_cpu() && t->scalar_type() == dt && t->sizes().equals(shape), op, ": ", name,
-                " must be a CPU ", dt, " tensor of the prepacked shape ", at::IntArrayRef(shape), ", got ",
-                t->scalar_type(), " ", t->sizes(), " on ", t->device());
-  }
   const at::Tensor q = qweight.contiguous();
-  const at::Tensor s = untile_rows(scales, n, k, group_size), m = untile_rows(offsets, n, k, group_size);
+  const at::Tensor s = untile_rows(scales.to(at::kFloat), n, k, group_size);
+  const at::Tensor m = untile_rows(offsets.to(at::kFloat), n, k, group_size);
   at::Tensor w = at::empty({n, k}, s.options());
   const uint8_t* qp = q.data_ptr<uint8_t>();
   const float *sp = s.data_ptr<float>(), *mp = m.data_ptr<float>();
@@ -149,18 +143,9 @@ at::Tensor int8_dequantize_cpu(const at::Tensor& qweight, const at::Tensor& scal
                                at::ScalarType dtype) {
   const char* op = "flashgen::int8_dequantize";
   check_dequant_args(op, n, k, dtype);
-  const int64_t kb = blocks(k);
-  TORCH_CHECK(qweight.device().is_cpu() && qweight.scalar_type() == at::kChar &&
-                  qweight.sizes().equals({tiles(n), kb, kInt8TileBytes}),
-              op, ": qweight must be a CPU int8 tensor of the prepacked shape (", tiles(n), ", ", kb, ", ",
-              kInt8TileBytes, "), got ", qweight.scalar_type(), " ", qweight.sizes(), " on ", qweight.device());
-  TORCH_CHECK(scales.device().is_cpu() && scales.scalar_type() == at::kFloat && scales.dim() == 3 &&
-                  scales.size(0) == tiles(n) && (scales.size(1) == 1 || scales.size(1) == kb) &&
-                  scales.size(2) == kTileRows,
-              op, ": scales must be a CPU float32 tensor of shape (", tiles(n), ", 1 or ", kb, ", 16), got ",
-              scales.scalar_type(), " ", scales.sizes(), " on ", scales.device());
+  const int64_t kb = blocks(k), sblocks = check_int8_packed(op, qweight, scales, k, n);
   const at::Tensor q = qweight.contiguous();
-  const at::Tensor s = untile_rows(scales, n, k, scales.size(1) == 1 ? kb * kBlock : kBlock);
+  const at::Tensor s = untile_rows(scales.to(at::kFloat), n, k, sblocks == 1 ? kb * kBlock : kBlock);
   at::Tensor w = at::empty({n, k}, s.options());
   const int8_t* qp = q.data_ptr<int8_t>();
   const float* sp = s.data_ptr<float>();

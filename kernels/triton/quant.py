@@ -11,10 +11,11 @@ Math (canonical formats, see kernels/quant.py):
   zeros), a[m] = amax / 127; the integer products are summed in int32 and scaled once:
   out[m, n] = a[m] s[n] sum_k xq q (per channel) or a[m] sum_b s[n, b] sum_{k in block b} xq q (blocks of 32).
 
-CUDA layout (what *_prepack returns on CUDA): the canonical tensors themselves, contiguous. Row n of qweight is
-one contiguous run of K/2 (int4) or K (int8) bytes: a (BLOCK_N, BLOCK_K) weight tile of the GEMM is BLOCK_N
-coalesced runs, and the CUDA C++ GEMV (csrc/cuda/quant_gemv.cu) streams a row per warp with 16-byte loads.
-Scales and offsets stay float32, so dequantized values are those of the reference.
+CUDA layout (what *_prepack returns on CUDA): the canonical tensors themselves, contiguous, with scales and
+offsets in float32 (canonical float16 ones are converted, exactly). Row n of qweight is one contiguous run of
+K/2 (int4) or K (int8) bytes: a (BLOCK_N, BLOCK_K) weight tile of the GEMM is BLOCK_N coalesced runs, and the
+CUDA C++ GEMV (csrc/cuda/quant_gemv.cu) streams a row per warp with 16-byte loads. The float32 scales and
+offsets give the dequantized values of the reference.
 
 Kernels:
 - `_qmm_kernel`: one tiled kernel for every format. A program owns a (BLOCK_M, BLOCK_N) output tile, loads
@@ -33,7 +34,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ..quant import INT4_GROUP_SIZES
+from ..quant import INT4_GROUP_SIZES, SCALE_DTYPES
 
 INT8_BLOCK = 32
 ACT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -332,26 +333,37 @@ def _check_same_device(*named):
         _require(t.device == device, f"{name} is on {t.device}, expected {device} (the device of {named[0][0]})")
 
 
-def _check_int4(qweight, scales, offsets, group_size, n, k):
+def _dtype_names(dtypes):
+    return " or ".join(str(d).removeprefix("torch.") for d in dtypes)
+
+
+# The prepacks take the canonical scales (float32 or float16); the other ops the prepacked float32 ones.
+PACKED_SCALE_DTYPES = (torch.float32,)
+
+
+def _check_int4(qweight, scales, offsets, group_size, n, k, scale_dtypes=PACKED_SCALE_DTYPES):
     _require(group_size in INT4_GROUP_SIZES, f"group_size must be one of {INT4_GROUP_SIZES}, got {group_size}")
     _require(k > 0 and k % group_size == 0,
              f"in_features ({k}) must be a positive multiple of group_size ({group_size})")
     _require(qweight.dtype == torch.uint8 and tuple(qweight.shape) == (n, k // 2),
              f"qweight must be uint8 of shape ({n}, {k // 2}), got {qweight.dtype} {tuple(qweight.shape)}")
     for name, t in (("scales", scales), ("offsets", offsets)):
-        _require(t.dtype == torch.float32 and tuple(t.shape) == (n, k // group_size),
-                 f"{name} must be float32 of shape ({n}, {k // group_size}), got {t.dtype} {tuple(t.shape)}")
+        _require(t.dtype in scale_dtypes and tuple(t.shape) == (n, k // group_size),
+                 f"{name} must be {_dtype_names(scale_dtypes)} of shape ({n}, {k // group_size}), got {t.dtype} "
+                 f"{tuple(t.shape)}")
+    _require(offsets.dtype == scales.dtype,
+             f"offsets must have the dtype of scales ({scales.dtype}), got {offsets.dtype}")
     _check_same_device(("qweight", qweight), ("scales", scales), ("offsets", offsets))
 
 
-def _int8_group(qweight, scales, n, k):
+def _int8_group(qweight, scales, n, k, scale_dtypes=PACKED_SCALE_DTYPES):
     """Checks the int8 weight; returns its group size for the kernels (0 = per output channel, else 32)."""
     _require(qweight.dtype == torch.int8 and tuple(qweight.shape) == (n, k),
              f"qweight must be int8 of shape ({n}, {k}), got {qweight.dtype} {tuple(qweight.shape)}")
     blocked = k % INT8_BLOCK == 0 and k // INT8_BLOCK > 1 and tuple(scales.shape) == (n, k // INT8_BLOCK)
-    _require(scales.dtype == torch.float32 and (tuple(scales.shape) == (n, 1) or blocked),
-             f"scales must be float32 of shape ({n}, 1) (per channel) or ({n}, {k}/{INT8_BLOCK}) (blocks of "
-             f"{INT8_BLOCK}), got {scales.dtype} {tuple(scales.shape)}")
+    _require(scales.dtype in scale_dtypes and (tuple(scales.shape) == (n, 1) or blocked),
+             f"scales must be {_dtype_names(scale_dtypes)} of shape ({n}, 1) (per channel) or ({n}, {k}/{INT8_BLOCK}) "
+             f"(blocks of {INT8_BLOCK}), got {scales.dtype} {tuple(scales.shape)}")
     _check_same_device(("qweight", qweight), ("scales", scales))
     return INT8_BLOCK if blocked else 0
 
@@ -372,19 +384,23 @@ def _int4_in_features(qweight):
 
 # ---------------------------------------------------------------- ops (CUDA kernels of flashgen::*)
 def int4_prepack(qweight, scales, offsets, group_size):
-    """CUDA layout = canonical layout (module doc): contiguous copies, checked."""
+    """CUDA layout = canonical layout (module doc): contiguous copies, float32 scales and offsets, checked."""
     _require(qweight.dim() == 2, f"qweight must be 2-D (N, K/2), got shape {tuple(qweight.shape)}")
     n, k = qweight.shape[0], _int4_in_features(qweight)
-    _check_int4(qweight, scales, offsets, group_size, n, k)
-    return (qweight.clone(memory_format=torch.contiguous_format), scales.clone(memory_format=torch.contiguous_format),
-            offsets.clone(memory_format=torch.contiguous_format))
+    _check_int4(qweight, scales, offsets, group_size, n, k, SCALE_DTYPES)
+    return qweight.clone(memory_format=torch.contiguous_format), _packed_param(scales), _packed_param(offsets)
 
 
 def int8_prepack(qweight, scales):
-    """CUDA layout = canonical layout (module doc): contiguous copies, checked."""
+    """CUDA layout = canonical layout (module doc): contiguous copies, float32 scales, checked."""
     _require(qweight.dim() == 2, f"qweight must be 2-D (N, K), got shape {tuple(qweight.shape)}")
-    _int8_group(qweight, scales, *qweight.shape)
-    return qweight.clone(memory_format=torch.contiguous_format), scales.clone(memory_format=torch.contiguous_format)
+    _int8_group(qweight, scales, *qweight.shape, SCALE_DTYPES)
+    return qweight.clone(memory_format=torch.contiguous_format), _packed_param(scales)
+
+
+def _packed_param(t):
+    """A contiguous float32 copy (never an alias of the input: custom-op outputs are fresh tensors)."""
+    return t.to(torch.float32, memory_format=torch.contiguous_format, copy=True)
 
 
 def _use_cuda_gemv(x, qweight):
