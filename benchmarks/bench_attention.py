@@ -18,13 +18,13 @@ import logging
 import os
 import subprocess
 import sys
-import time
 
 import pytest
 import torch
 import torch.nn.functional as F
 
 from flashgen.kernels import flash_attn_func, flash_attn_with_kvcache
+from timing import best_time, fixed_threads
 
 log = logging.getLogger("flashgen.bench")
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -82,16 +82,6 @@ def make_call(name, impl):
     return lambda: torch.autograd.grad(fn(q, k, v, causal=True), (q, k, v), dout)
 
 
-def best_time(fn, rounds):
-    fn()
-    times = []
-    for _ in range(rounds):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return min(times)
-
-
 def peak_memory_mb(name, impl):
     """Growth of ru_maxrss over one call in a fresh process (see the module docstring)."""
     code = ("import sys; sys.path.insert(0, %r); import torch, bench_attention as b; torch.set_num_threads(%d); "
@@ -126,12 +116,7 @@ def measure(name):
     return times
 
 
-@pytest.fixture(autouse=True)
-def _threads():
-    before = torch.get_num_threads()
-    torch.set_num_threads(THREADS)
-    yield
-    torch.set_num_threads(before)
+_threads = fixed_threads(THREADS)
 
 
 @pytest.mark.parametrize("name", list(CASES))
