@@ -24,7 +24,9 @@
 namespace flashgen::cpu::quant {
 namespace {
 
-constexpr int kMaxRows = 4;      // activation rows per tile step (register budget of the AVX2 path)
+// Activation rows per tile step: the weights unpacked once serve that many rows (register budgets: 16 ymm
+// for AVX2, 32 zmm for AVX-512).
+constexpr int kAvx2Rows = 4, kVnniRows = 8;
 constexpr int64_t kRowChunk = 64;  // rows whose int8 activations stay in L2 while all tiles stream past
 constexpr int64_t kMinTask = int64_t{1} << 18;  // multiply-adds per thread task (smaller work stays on one thread)
 
@@ -200,14 +202,12 @@ void int8_tile_avx2(const QuantActs& x, const int8_t* w, const S* sc, int64_t sb
 }
 
 // ---------------------------------------------------------------- drivers
-template <class F>
+// f(std::integral_constant<int, rows>) for 1 <= rows <= MaxR.
+template <int MaxR, class F>
 void with_rows(int rows, F&& f) {
-  switch (rows) {
-    case 1: return f(std::integral_constant<int, 1>{});
-    case 2: return f(std::integral_constant<int, 2>{});
-    case 3: return f(std::integral_constant<int, 3>{});
-    default: return f(std::integral_constant<int, 4>{});
-  }
+  if constexpr (MaxR > 1)
+    if (rows < MaxR) return with_rows<MaxR - 1>(rows, f);
+  f(std::integral_constant<int, MaxR>{});
 }
 
 QuantActs offset(const QuantActs& x, int64_t row) {
@@ -219,19 +219,19 @@ QuantActs offset(const QuantActs& x, int64_t row) {
 }
 
 // For each chunk of rows, the threads split the tiles; tile(t, x_rows, R, out16) fills out16 (R x 16).
-template <class Tile>
+template <int MaxR, class Tile>
 void run_tiles(const QuantActs& x, int64_t m, int64_t n, int64_t kb, float* out, Tile&& tile) {
   const int64_t nt = tiles(n);
   for (int64_t m0 = 0; m0 < m; m0 += kRowChunk) {
     const int64_t m1 = std::min(m, m0 + kRowChunk);
     const int64_t grain = std::max<int64_t>(1, kMinTask / ((m1 - m0) * kTileRows * kb * kBlock));
     at::parallel_for(0, nt, grain, [&](int64_t t0, int64_t t1) {
-      alignas(64) float buf[kMaxRows * kTileRows];
+      alignas(64) float buf[MaxR * kTileRows];
       for (int64_t t = t0; t < t1; ++t) {
         const int64_t cols = std::min(kTileRows, n - t * kTileRows);
-        for (int64_t r0 = m0; r0 < m1; r0 += kMaxRows) {
-          const int rows = static_cast<int>(std::min<int64_t>(kMaxRows, m1 - r0));
-          with_rows(rows, [&](auto R) { tile(t, offset(x, r0), R, buf); });
+        for (int64_t r0 = m0; r0 < m1; r0 += MaxR) {
+          const int rows = static_cast<int>(std::min<int64_t>(MaxR, m1 - r0));
+          with_rows<MaxR>(rows, [&](auto R) { tile(t, offset(x, r0), R, buf); });
           for (int r = 0; r < rows; ++r)
             std::memcpy(out + (r0 + r) * n + t * kTileRows, buf + r * kTileRows, cols * sizeof(float));
         }
@@ -246,28 +246,42 @@ template <class S>
 void int4_gemm(const QuantActs& x, int64_t m, const uint8_t* w, const S* scales, const S* offsets, int64_t n,
                int64_t kb, int64_t bpg, float* out, bool vnni) {
   const int64_t groups = kb / bpg;
-  run_tiles(x, m, n, kb, out, [&](int64_t t, const QuantActs& xr, auto R, float* buf) {
-    const uint8_t* wt = w + t * kb * kInt4TileBytes;
-    const S* st = scales + t * groups * kTileRows;
-    const S* ot = offsets + t * groups * kTileRows;
-    if (vnni)
-      int4_tile_vnni<decltype(R)::value>(xr, wt, st, ot, kb, bpg, buf);
-    else
-      int4_tile_avx2<decltype(R)::value>(xr, wt, st, ot, kb, bpg, buf);
-  });
+  auto tile = [&](auto isa_rows, auto kernel) {
+    run_tiles<decltype(isa_rows)::value>(x, m, n, kb, out, [&](int64_t t, const QuantActs& xr, auto R, float* buf) {
+      kernel(R, xr, w + t * kb * kInt4TileBytes, scales + t * groups * kTileRows, offsets + t * groups * kTileRows,
+             buf);
+    });
+  };
+  if (vnni)
+    tile(std::integral_constant<int, kVnniRows>{},
+         [&](auto R, const QuantActs& xr, const uint8_t* wt, const S* st, const S* ot, float* buf) {
+           int4_tile_vnni<R()>(xr, wt, st, ot, kb, bpg, buf);
+         });
+  else
+    tile(std::integral_constant<int, kAvx2Rows>{},
+         [&](auto R, const QuantActs& xr, const uint8_t* wt, const S* st, const S* ot, float* buf) {
+           int4_tile_avx2<R()>(xr, wt, st, ot, kb, bpg, buf);
+         });
 }
 
 template <class S>
 void int8_gemm(const QuantActs& x, int64_t m, const int8_t* w, const S* scales, int64_t sblocks, int64_t n,
                int64_t kb, bool whole_row, float* out, bool vnni) {
-  run_tiles(x, m, n, kb, out, [&](int64_t t, const QuantActs& xr, auto R, float* buf) {
-    const int8_t* wt = w + t * kb * kInt8TileBytes;
-    const S* st = scales + t * sblocks * kTileRows;
-    if (vnni)
-      int8_tile_vnni<decltype(R)::value>(xr, wt, st, sblocks, kb, whole_row, buf);
-    else
-      int8_tile_avx2<decltype(R)::value>(xr, wt, st, sblocks, kb, whole_row, buf);
-  });
+  auto tile = [&](auto isa_rows, auto kernel) {
+    run_tiles<decltype(isa_rows)::value>(x, m, n, kb, out, [&](int64_t t, const QuantActs& xr, auto R, float* buf) {
+      kernel(R, xr, w + t * kb * kInt8TileBytes, scales + t * sblocks * kTileRows, buf);
+    });
+  };
+  if (vnni)
+    tile(std::integral_constant<int, kVnniRows>{},
+         [&](auto R, const QuantActs& xr, const int8_t* wt, const S* st, float* buf) {
+           int8_tile_vnni<R()>(xr, wt, st, sblocks, kb, whole_row, buf);
+         });
+  else
+    tile(std::integral_constant<int, kAvx2Rows>{},
+         [&](auto R, const QuantActs& xr, const int8_t* wt, const S* st, float* buf) {
+           int8_tile_avx2<R()>(xr, wt, st, sblocks, kb, whole_row, buf);
+         });
 }
 
 #define FLASHGEN_QUANT_GEMMS(S)                                                                                     \
