@@ -218,15 +218,16 @@ QuantActs offset(const QuantActs& x, int64_t row) {
   return y;
 }
 
-// For each chunk of rows, the threads split the tiles; tile(t, x_rows, R, out16) fills out16 (R x 16).
+// The threads split the tiles (output features) once; each walks its tiles for every chunk of kRowChunk rows
+// (whose int8 activations stay in L2 while the tiles stream past). tile(t, x_rows, R, out16) fills out16
+// (R x 16).
 template <int MaxR, class Tile>
 void run_tiles(const QuantActs& x, int64_t m, int64_t n, int64_t kb, float* out, Tile&& tile) {
-  const int64_t nt = tiles(n);
-  for (int64_t m0 = 0; m0 < m; m0 += kRowChunk) {
-    const int64_t m1 = std::min(m, m0 + kRowChunk);
-    const int64_t grain = std::max<int64_t>(1, kMinTask / ((m1 - m0) * kTileRows * kb * kBlock));
-    at::parallel_for(0, nt, grain, [&](int64_t t0, int64_t t1) {
-      alignas(64) float buf[MaxR * kTileRows];
+  const int64_t grain = std::max<int64_t>(1, kMinTask / (m * kTileRows * kb * kBlock));
+  at::parallel_for(0, tiles(n), grain, [&](int64_t t0, int64_t t1) {
+    alignas(64) float buf[MaxR * kTileRows];
+    for (int64_t m0 = 0; m0 < m; m0 += kRowChunk) {
+      const int64_t m1 = std::min(m, m0 + kRowChunk);
       for (int64_t t = t0; t < t1; ++t) {
         const int64_t cols = std::min(kTileRows, n - t * kTileRows);
         for (int64_t r0 = m0; r0 < m1; r0 += MaxR) {
@@ -236,8 +237,8 @@ void run_tiles(const QuantActs& x, int64_t m, int64_t n, int64_t kb, float* out,
             std::memcpy(out + (r0 + r) * n + t * kTileRows, buf + r * kTileRows, cols * sizeof(float));
         }
       }
-    });
-  }
+    }
+  });
 }
 
 }  // namespace
