@@ -1,13 +1,16 @@
-"""The C++ decode step for a Transformer on the CPU (torch.classes.flashgen.CpuDecoder, csrc/cpu/decoder.cpp).
+"""The C++ forward over the KV cache for a Transformer on the CPU (torch.classes.flashgen.CpuDecoder,
+csrc/cpu/decoder.cpp).
 
 A batch-1 decode step of a small model is a few hundred tiny kernels; called one by one from Python their
 dispatch costs more than their work. The C++ step computes the same layers (see Transformer's docstring) in
-one call, on the model's own weights and KV cache buffers (shared, not copied).
+one call, on the model's own weights and KV cache buffers (shared, not copied); a prompt goes through it at
+once too (its activation and rope fused, no Python per layer).
 
-`build(model)` returns step(tokens (B,) int64) -> logits float32 (B, V), which also advances the cache
-lengths, or None when the model is outside what the C++ step computes: not float32 on the CPU, or a linear
-that is neither a float32 nn.Linear nor a CPU QuantizedLinear. Transformer.decode falls back to its Python
-layers then.
+`build(model)` returns step(tokens (B, T) int64, lengths (B,) int64 or None) -> logits float32 (B, V) of each
+sequence's token lengths[b] - 1, which appends the T tokens at the cache lengths and advances those by
+`lengths` (see CpuDecoder::step), or None when the model is outside what the C++ step computes: not float32
+on the CPU, or a linear that is neither a float32 nn.Linear nor a CPU QuantizedLinear. Transformer.prefill
+and decode fall back to their Python layers then.
 """
 import math
 

@@ -153,12 +153,12 @@ class Block(nn.Module):
 class Transformer(nn.Module):
     """Decoder with a static KV cache. See ENGINE_API: setup_cache, reset, prefill, decode, forward.
 
-    On the CPU, `decode` runs the C++ step of engine/cpu_decoder.py when the model fits it (cpp_decode = False
-    forces the Python layers). The step is built on the first decode after setup_cache, over the weights
+    On the CPU, `prefill` and `decode` run the C++ forward of engine/cpu_decoder.py when the model fits it
+    (cpp_step = False forces the Python layers). It is built on first use after setup_cache, over the weights
     present then: call setup_cache again after replacing layers.
     """
 
-    cpp_decode = True
+    cpp_step = True
 
     def __init__(self, config: ModelConfig):
         super().__init__()
@@ -247,6 +247,9 @@ class Transformer(nn.Module):
         if start + t > self.cache.max_seq_len:
             raise ValueError(f"{start} cached + {t} new tokens exceed the cache's max_seq_len {self.cache.max_seq_len}")
         self._check_positions(start + t)
+        step = self._cpp(input_ids)
+        if step:
+            return step(input_ids.long(), lengths.long())
         positions = seqlens.long().unsqueeze(1) + torch.arange(t, device=input_ids.device)
         h, rope = self._embed(input_ids, positions)
         residual = None
@@ -265,11 +268,9 @@ class Transformer(nn.Module):
         b = tokens.shape[0]
         if b != self.batch_size:
             raise ValueError(f"decode got {b} tokens but the active batch (from prefill / reset) is {self.batch_size}")
-        if self.cpp_decode and tokens.is_cpu:
-            if self._cpp_step is None:
-                self._cpp_step = cpu_decoder.build(self) or False
-            if self._cpp_step:
-                return self._cpp_step(tokens.reshape(b).long())
+        step = self._cpp(tokens)
+        if step:
+            return step(tokens.reshape(b, 1).long(), None)
         seqlens = self.cache.seqlens[:b]
         positions = seqlens.long().unsqueeze(1)
         h, rope = self._embed(tokens.reshape(b, 1), positions)
@@ -278,6 +279,14 @@ class Transformer(nn.Module):
             h, residual = layer(h, residual, rope, self.cache.layer(i), seqlens)
         seqlens.add_(1)
         return self._logits(h, residual).squeeze(1)
+
+    def _cpp(self, tokens):
+        """The C++ forward (engine/cpu_decoder.py) if it applies to this model and these (CPU) tokens, else None."""
+        if not (self.cpp_step and tokens.is_cpu):
+            return None
+        if self._cpp_step is None:
+            self._cpp_step = cpu_decoder.build(self) or False
+        return self._cpp_step or None
 
     def _apply(self, fn, recurse=True):
         self._cpp_step = None  # the step holds the old tensors

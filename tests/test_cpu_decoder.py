@@ -1,4 +1,5 @@
-"""The C++ decode step (engine/cpu_decoder.py, csrc/cpu/decoder.cpp) against the model's Python layers.
+"""The C++ forward (engine/cpu_decoder.py, csrc/cpu/decoder.cpp: prefill, appended turns, decode steps) against
+the model's Python layers.
 
 Both compute the same layers with the same kernels, so float32 models agree to float rounding. With int4 /
 int8 weights the activations are rounded to int8 inside the linears, and a last-bit difference upstream can
@@ -18,10 +19,13 @@ def _load(tiny_models, arch, quant, batch=1):
 
 
 def _decode_run(model, prompts, lengths, steps, cpp):
-    model.cpp_decode = cpp
+    model.cpp_step = cpp
     model._cpp_step = None
     logits = [model.prefill(prompts, lengths)]
-    for tokens in steps:
+    for tokens in steps[:4]:
+        logits.append(model.decode(tokens))
+    logits.append(model.prefill(steps[4:7].T, torch.tensor([3, 2]), append=True))  # a next turn, uneven
+    for tokens in steps[7:]:
         logits.append(model.decode(tokens))
     if cpp:
         assert model._cpp_step, "the C++ step was not used"
@@ -38,7 +42,7 @@ def test_step_matches_python_layers(tiny_models, arch, quant):
     steps = torch.randint(0, vocab, (9, 2))
     ours, lens = _decode_run(model, prompts, lengths, steps, cpp=True)
     ref, ref_lens = _decode_run(model, prompts, lengths, steps, cpp=False)
-    assert torch.equal(lens, ref_lens) and lens.tolist() == [20, 13]
+    assert torch.equal(lens, ref_lens) and lens.tolist() == [11 + 4 + 3 + 2, 4 + 4 + 2 + 2]
     tol = 2e-5 if quant is None else 3e-2
     torch.testing.assert_close(ours, ref, atol=tol * ref.abs().max().item(), rtol=0)
     if quant is None:

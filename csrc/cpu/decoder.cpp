@@ -1,15 +1,17 @@
-// The decode step of engine/model.py's Transformer as one C++ call: torch.classes.flashgen.CpuDecoder.
+// The forward of engine/model.py's Transformer over the KV cache as one C++ call (a decode step, or a prompt
+// at once): torch.classes.flashgen.CpuDecoder.
 //
 // A batch-1 decode step runs ~10 small kernels per layer; from Python each costs microseconds of dispatch,
 // argument checks and allocations, more than the kernels themselves on a small model. Here the same
-// computation walks the layers over preallocated float32 buffers and calls the kernels of flashgen's CPU
-// ops directly (quant.h, norm.h, attention.h): per layer
+// computation walks the layers over reused float32 buffers, one row per token, and calls the kernels of
+// flashgen's CPU ops directly (quant.h, norm.h, attention.h): per layer
 //   x = norm(h + r) (r <- h + r),  q, k, v = split(x Wqkv^T)  [q, k RMSNorm per head],  rope(q, k),
 //   o = attention over the KV cache with k, v appended at cache_seqlens,  h = o Wo^T,
 //   x = norm(h + r) (r <- h + r),  h = act(x Win^T [gate]) [* up] Wout^T,
-// then logits = norm(h + r) Whead^T, and cache_seqlens += 1. The weights and the cache are the model's own
+// then logits = norm(h + r) Whead^T at each sequence's last token, and cache_seqlens grow. The weights and the cache are the model's own
 // tensors (shared, not copied), checked once when the decoder is built.
 #include <ATen/ATen.h>
+#include <ATen/Parallel.h>
 #include <torch/custom_class.h>
 #include <torch/library.h>
 
@@ -114,9 +116,9 @@ struct CpuDecoder : torch::CustomClassHolder {
   std::vector<Layer> layers;
   Norm final_norm;
   Linear head;
-  // float32 scratch, resized to the batch: h, r, x (B, hidden), qkv (B, q + 2 kv), mlp (B, w_in out),
-  // act (B, intermediate), tmp (a padded intermediate row for the vector exp)
-  std::vector<float> h, r, x, qkv, mlp, act, tmp, rope;
+  // float32 scratch, resized to the rows (B x T tokens): h, r, x (rows, hidden), qkv (rows, q + 2 kv), mlp
+  // (rows, w_in out), act (rows, intermediate; padded to whole SIMD vectors), rope (rows, rotary_dim)
+  std::vector<float> h, r, x, qkv, mlp, act, rope;
   quant::ActScratch acts;
 
   // dims: hidden, heads, kv_heads, head_dim, rotary_dim (0: learned positions), intermediate, vocab,
@@ -185,124 +187,174 @@ struct CpuDecoder : torch::CustomClassHolder {
     head = std::move(output);
   }
 
-  // tokens int64 (B,) at positions seqlens[:B] -> logits float32 (B, vocab); seqlens[:B] += 1.
-  at::Tensor step(const at::Tensor& tokens) {
+  // tokens int64 (B, T): T new tokens per sequence at positions seqlens[b] .. seqlens[b] + T - 1 (all T are
+  // written to the cache). lengths int64 (B,) in [1, T] (default T): the logits float32 (B, vocab) are those of
+  // token lengths[b] - 1 and seqlens[b] grows by lengths[b]; the tokens past it are padding, which the next
+  // tokens overwrite in the cache. T = 1 is a decode step; a prompt (or a chat turn) is one call.
+  at::Tensor step(const at::Tensor& tokens, const std::optional<at::Tensor>& lengths_in) {
     TORCH_CHECK(head && int64_t(layers.size()) == k_cache.size(0), kOp, ": add all ", k_cache.size(0),
                 " layers and the head before step()");
-    TORCH_CHECK(tokens.device().is_cpu() && tokens.scalar_type() == at::kLong && tokens.dim() == 1, kOp,
-                ": tokens must be a 1-D int64 CPU tensor, got ", tokens.scalar_type(), " ", tokens.sizes());
-    const int64_t b = tokens.size(0), max_len = k_cache.size(2);
+    TORCH_CHECK(tokens.device().is_cpu() && tokens.scalar_type() == at::kLong && tokens.dim() == 2, kOp,
+                ": tokens must be a 2-D (batch, new tokens) int64 CPU tensor, got ", tokens.scalar_type(), " ",
+                tokens.sizes());
+    const int64_t b = tokens.size(0), t = tokens.size(1), rows = b * t, max_len = k_cache.size(2);
     TORCH_CHECK(b <= k_cache.size(1), kOp, ": batch ", b, " exceeds the cache's max_batch ", k_cache.size(1));
+    TORCH_CHECK(t > 0, kOp, ": tokens must hold at least one token per sequence");
+    const at::Tensor lengths = lengths_in ? lengths_in->contiguous() : at::full({b}, t, tokens.options());
+    TORCH_CHECK(lengths.device().is_cpu() && lengths.scalar_type() == at::kLong && lengths.sizes().equals({b}), kOp,
+                ": lengths must be an int64 CPU tensor of shape (", b, ",)");
     const at::Tensor tok = tokens.contiguous();
-    const int64_t* tp = tok.data_ptr<int64_t>();
+    const int64_t *tp = tok.data_ptr<int64_t>(), *len = lengths.data_ptr<int64_t>();
     int32_t* pos = seqlens.data_ptr<int32_t>();
     for (int64_t i = 0; i < b; ++i) {
-      TORCH_CHECK(tp[i] >= 0 && tp[i] < vocab, kOp, ": token ", tp[i], " is outside the vocabulary [0, ", vocab, ")");
-      TORCH_CHECK(pos[i] >= 0 && pos[i] < max_len, kOp, ": sequence ", i, " holds ", pos[i],
-                  " tokens: the cache (max_seq_len ", max_len, ") has no room for another");
-      TORCH_CHECK(!given(pos_emb) || pos[i] < pos_emb.size(0), kOp, ": position ", pos[i], " exceeds the model's ",
-                  pos_emb.size(0), " learned positions");
+      TORCH_CHECK(len[i] >= 1 && len[i] <= t, kOp, ": lengths[", i, "] = ", len[i], " is outside [1, ", t, "]");
+      TORCH_CHECK(pos[i] >= 0 && pos[i] + t <= max_len, kOp, ": sequence ", i, " holds ", pos[i], " tokens: the cache",
+                  " (max_seq_len ", max_len, ") has no room for ", t, " more");
+      TORCH_CHECK(!given(pos_emb) || pos[i] + t <= pos_emb.size(0), kOp, ": positions up to ", pos[i] + t - 1,
+                  " exceed the model's ", pos_emb.size(0), " learned positions");
+      for (int64_t j = 0; j < t; ++j)
+        TORCH_CHECK(tp[i * t + j] >= 0 && tp[i * t + j] < vocab, kOp, ": token ", tp[i * t + j],
+                    " is outside the vocabulary [0, ", vocab, ")");
     }
     const int64_t q_size = heads * head_dim, kv_size = kv_heads * head_dim, qkv_w = q_size + 2 * kv_size;
     const int64_t mlp_w = intermediate * (gated ? 2 : 1);
-    for (auto* v : {&h, &r, &x}) v->resize(b * hidden);
-    qkv.resize(b * qkv_w), mlp.resize(b * mlp_w), act.resize(b * intermediate);
-    tmp.assign(attn::round_up(intermediate, attn::kVec), 0.f);
+    for (auto* v : {&h, &r, &x}) v->resize(rows * hidden);
+    qkv.resize(rows * qkv_w), mlp.resize(rows * mlp_w);
+    act.resize(attn::round_up(rows * intermediate, attn::kVec));
 
-    embed(tp, pos, b);
+    embed(tp, pos, b, t);
     const at::Tensor lens = seqlens.narrow(0, 0, b);
     for (const Layer& layer : layers) {
-      for (int64_t i = 0; i < b; ++i) layer.attn_norm(&h[i * hidden], &r[i * hidden], &x[i * hidden], hidden);
-      layer.qkv->run(x.data(), b, qkv.data(), acts);
-      if (layer.q_norm.defined()) qk_norm(layer, b, qkv_w);
-      if (rotary_dim) rotate(b, qkv_w);
+      norm_rows(layer.attn_norm, rows);
+      layer.qkv->run(x.data(), rows, qkv.data(), acts);
+      if (layer.q_norm.defined()) qk_norm(layer, rows, qkv_w);
+      if (rotary_dim) rotate(rows, qkv_w);
       float* base = qkv.data();
       auto view = [&](float* p, int64_t n_heads) {
-        return at::from_blob(p, {b, 1, n_heads, head_dim}, {qkv_w, qkv_w, head_dim, 1});
+        return at::from_blob(p, {b, t, n_heads, head_dim}, {t * qkv_w, qkv_w, head_dim, 1});
       };
       const at::Tensor o = std::get<0>(attn::flash_attn_kvcache(
           view(base, heads), layer.k_cache, layer.v_cache, view(base + q_size, kv_heads),
           view(base + q_size + kv_size, kv_heads), lens, std::nullopt, scale, true, window_left, 0, 0.0, 0));
-      layer.o->run(o.data_ptr<float>(), b, h.data(), acts);
-      for (int64_t i = 0; i < b; ++i) layer.mlp_norm(&h[i * hidden], &r[i * hidden], &x[i * hidden], hidden);
-      layer.w_in->run(x.data(), b, mlp.data(), acts);
-      activate(b, mlp_w);
-      layer.w_out->run(act.data(), b, h.data(), acts);
+      layer.o->run(o.data_ptr<float>(), rows, h.data(), acts);
+      norm_rows(layer.mlp_norm, rows);
+      layer.w_in->run(x.data(), rows, mlp.data(), acts);
+      activate(rows, mlp_w);
+      layer.w_out->run(act.data(), rows, h.data(), acts);
     }
-    for (int64_t i = 0; i < b; ++i) final_norm(&h[i * hidden], &r[i * hidden], &x[i * hidden], hidden);
+    // Only each sequence's last real token goes on to the head.
+    for (int64_t i = 0; i < b; ++i) {
+      const int64_t last = i * t + len[i] - 1;
+      std::copy_n(&h[last * hidden], hidden, &h[i * hidden]);
+      std::copy_n(&r[last * hidden], hidden, &r[i * hidden]);
+    }
+    norm_rows(final_norm, b);
     at::Tensor logits = at::empty({b, vocab}, tok_emb.options());
     head->run(x.data(), b, logits.data_ptr<float>(), acts);
-    for (int64_t i = 0; i < b; ++i) ++pos[i];
+    for (int64_t i = 0; i < b; ++i) pos[i] += int32_t(len[i]);
     return logits;
   }
 
  private:
-  // h = token embedding (+ learned position), r = 0 so that the first fused norm's r <- h + r is h itself.
-  // With rope, the (cos, sin) of each sequence's angles pos * inv_freq go to `rope`.
-  void embed(const int64_t* tp, const int32_t* pos, int64_t b) {
-    const float* te = tok_emb.data_ptr<float>();
-    const int64_t half = rotary_dim / 2;
-    rope.resize(b * 2 * half);
-    for (int64_t i = 0; i < b; ++i) {
-      float* hi = &h[i * hidden];
-      std::copy_n(te + tp[i] * hidden, hidden, hi);
-      std::fill_n(&r[i * hidden], hidden, 0.f);
-      if (given(pos_emb)) {
-        const float* pe = pos_emb.data_ptr<float>() + int64_t(pos[i]) * hidden;
-        for (int64_t j = 0; j < hidden; ++j) hi[j] += pe[j];
-      }
-      const float* f = inv_freq.defined() && rotary_dim ? inv_freq.data_ptr<float>() : nullptr;
-      for (int64_t j = 0; f && j < half; ++j) {
-        const float angle = float(pos[i]) * f[j];
-        rope[i * 2 * half + j] = std::cos(angle);
-        rope[i * 2 * half + half + j] = std::sin(angle);
-      }
-    }
+  // fn(r0, r1) over row ranges, on several threads once there are enough rows of `width` floats.
+  template <class Fn>
+  static void over_rows(int64_t rows, int64_t width, Fn&& fn) {
+    at::parallel_for(0, rows, std::max<int64_t>(1, (int64_t{1} << 15) / std::max<int64_t>(width, 1)), fn);
   }
 
-  void qk_norm(const Layer& layer, int64_t b, int64_t qkv_w) {
-    for (int64_t i = 0; i < b; ++i)
-      for (int64_t hd = 0; hd < heads + kv_heads; ++hd) {
-        float* p = &qkv[i * qkv_w + hd * head_dim];
-        const at::Tensor& w = hd < heads ? layer.q_norm : layer.k_norm;
-        rms_norm_row(p, nullptr, nullptr, p, w.data_ptr<float>(), float(eps), head_dim);
+  // x = norm(h + r) and r <- h + r for each row.
+  void norm_rows(const Norm& norm, int64_t rows) {
+    over_rows(rows, hidden, [&](int64_t r0, int64_t r1) {
+      for (int64_t i = r0; i < r1; ++i) norm(&h[i * hidden], &r[i * hidden], &x[i * hidden], hidden);
+    });
+  }
+
+  // h = token embedding (+ learned position), r = 0 so that the first fused norm's r <- h + r is h itself.
+  // With rope, the (cos, sin) of each token's angles pos * inv_freq go to `rope`.
+  void embed(const int64_t* tp, const int32_t* pos, int64_t b, int64_t t) {
+    const float* te = tok_emb.data_ptr<float>();
+    const float* f = rotary_dim ? inv_freq.data_ptr<float>() : nullptr;
+    const int64_t half = rotary_dim / 2;
+    rope.resize(b * t * 2 * half);
+    over_rows(b * t, hidden, [&](int64_t r0, int64_t r1) {
+      for (int64_t i = r0; i < r1; ++i) {
+        const int64_t p = pos[i / t] + i % t;
+        float* hi = &h[i * hidden];
+        std::copy_n(te + tp[i] * hidden, hidden, hi);
+        std::fill_n(&r[i * hidden], hidden, 0.f);
+        if (given(pos_emb)) {
+          const float* pe = pos_emb.data_ptr<float>() + p * hidden;
+          for (int64_t j = 0; j < hidden; ++j) hi[j] += pe[j];
+        }
+        for (int64_t j = 0; j < half; ++j) {
+          const float angle = float(p) * f[j];
+          rope[i * 2 * half + j] = std::cos(angle);
+          rope[i * 2 * half + half + j] = std::sin(angle);
+        }
       }
+    });
+  }
+
+  void qk_norm(const Layer& layer, int64_t rows, int64_t qkv_w) {
+    over_rows(rows, qkv_w, [&](int64_t r0, int64_t r1) {
+      for (int64_t i = r0; i < r1; ++i)
+        for (int64_t hd = 0; hd < heads + kv_heads; ++hd) {
+          float* p = &qkv[i * qkv_w + hd * head_dim];
+          const at::Tensor& w = hd < heads ? layer.q_norm : layer.k_norm;
+          rms_norm_row(p, nullptr, nullptr, p, w.data_ptr<float>(), float(eps), head_dim);
+        }
+    });
   }
 
   // The first rotary_dim features of each q and k head, halves (x1, x2) -> (x1 cos - x2 sin, x2 cos + x1 sin).
-  void rotate(int64_t b, int64_t qkv_w) {
+  void rotate(int64_t rows, int64_t qkv_w) {
     const int64_t half = rotary_dim / 2;
-    for (int64_t i = 0; i < b; ++i) {
-      const float *c = &rope[i * 2 * half], *s = c + half;
-      for (int64_t hd = 0; hd < heads + kv_heads; ++hd) {
-        float* p = &qkv[i * qkv_w + hd * head_dim];
-        for (int64_t j = 0; j < half; ++j) {
-          const float x1 = p[j], x2 = p[j + half];
-          p[j] = x1 * c[j] - x2 * s[j];
-          p[j + half] = x2 * c[j] + x1 * s[j];
+    over_rows(rows, qkv_w, [&](int64_t r0, int64_t r1) {
+      for (int64_t i = r0; i < r1; ++i) {
+        const float *c = &rope[i * 2 * half], *s = c + half;
+        for (int64_t hd = 0; hd < heads + kv_heads; ++hd) {
+          float* p = &qkv[i * qkv_w + hd * head_dim];
+          for (int64_t j = 0; j < half; ++j) {
+            const float x1 = p[j], x2 = p[j + half];
+            p[j] = x1 * c[j] - x2 * s[j];
+            p[j + half] = x2 * c[j] + x1 * s[j];
+          }
         }
       }
-    }
+    });
   }
 
   // act = a(gate) [* up] with gate, up the two halves of each w_in row (gated) or the whole row.
-  void activate(int64_t b, int64_t mlp_w) {
+  void activate(int64_t rows, int64_t mlp_w) {
     const int64_t n = intermediate;
     if (activation == kSilu) {
-      // silu(g) = g / (1 + e^-g), e^-g by the attention kernels' vector exp (tmp is padded to its width)
-      for (int64_t i = 0; i < b; ++i) {
-        const float* g = &mlp[i * mlp_w];
-        for (int64_t j = 0; j < n; ++j) tmp[j] = -g[j];
-        attn::simd().exp_sum(tmp.data(), int(tmp.size()), 0.f);
-        float* a = &act[i * n];
-        for (int64_t j = 0; j < n; ++j) a[j] = g[j] / (1.f + tmp[j]) * (gated ? g[n + j] : 1.f);
-      }
+      // silu(g) = g / (1 + e^-g), e^-g by the attention kernels' vector exp over whole vectors of act (its
+      // size is padded to a multiple of the vector width).
+      const int64_t vecs = int64_t(act.size()) / attn::kVec;
+      at::parallel_for(0, vecs, (int64_t{1} << 14) / attn::kVec, [&](int64_t v0, int64_t v1) {
+        const int64_t e0 = v0 * attn::kVec, e1 = v1 * attn::kVec, end = std::min(e1, rows * n);
+        // fn(a, g, count): `count` elements of act from a, their gate values from g (up values at g + n)
+        auto segments = [&](auto fn) {
+          for (int64_t e = e0; e < end;) {
+            const int64_t row = e / n, col = e % n, count = std::min(n - col, end - e);
+            fn(&act[e], &mlp[row * mlp_w + col], count);
+            e += count;
+          }
+        };
+        segments([](float* a, const float* g, int64_t count) {
+          for (int64_t j = 0; j < count; ++j) a[j] = -g[j];
+        });
+        attn::simd().exp_sum(&act[e0], int(e1 - e0), 0.f);
+        segments([&](float* a, const float* g, int64_t count) {
+          for (int64_t j = 0; j < count; ++j) a[j] = g[j] / (1.f + a[j]) * (gated ? g[n + j] : 1.f);
+        });
+      });
       return;
     }
-    const at::Tensor rows = at::from_blob(mlp.data(), {b, mlp_w});
-    at::Tensor out = at::from_blob(act.data(), {b, n});
-    at::gelu_out(out, rows.narrow(1, 0, n), activation == kGeluTanh ? "tanh" : "none");
-    if (gated) out.mul_(rows.narrow(1, n, n));
+    const at::Tensor in = at::from_blob(mlp.data(), {rows, mlp_w});
+    at::Tensor out = at::from_blob(act.data(), {rows, n});
+    at::gelu_out(out, in.narrow(1, 0, n), activation == kGeluTanh ? "tanh" : "none");
+    if (gated) out.mul_(in.narrow(1, n, n));
   }
 };
 
