@@ -323,6 +323,9 @@ def _build(config, plan, device, dtype, quant, group_size):
     unloaded = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
     if unloaded:
         raise CheckpointError(f"{source}: no checkpoint tensor for {unloaded[:4]}")
+    for module in model.modules():  # the kernels' layouts now, so the first prompt does not pay for them
+        if isinstance(module, QuantizedLinear):
+            module.weight.packed()
     return model.eval()
 
 
