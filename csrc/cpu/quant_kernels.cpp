@@ -45,7 +45,7 @@ FLASHGEN_AVX512_VNNI inline __m512 load16(const at::Half* p) {
 
 template <int R, class S>
 FLASHGEN_AVX512_VNNI void int4_tile_vnni(const QuantActs& x, const uint8_t* w, const S* sc, const S* of, int64_t kb,
-                                         int64_t bpg, float* out) {
+                                         int64_t bpg, float* out, int64_t ldo) {
   const __m512i low = _mm512_set1_epi8(0x0F);
   __m512 acc[R];
   for (int r = 0; r < R; ++r) acc[r] = _mm512_setzero_ps();
@@ -76,14 +76,14 @@ FLASHGEN_AVX512_VNNI void int4_tile_vnni(const QuantActs& x, const uint8_t* w, c
       acc[r] = _mm512_fmadd_ps(m, _mm512_set1_ps(x.xsum[r * x.xsum_stride + gi]), acc[r]);
     }
   }
-  for (int r = 0; r < R; ++r) _mm512_storeu_ps(out + r * kTileRows, acc[r]);
+  for (int r = 0; r < R; ++r) _mm512_storeu_ps(out + r * ldo, acc[r]);
 }
 
 // VNNI multiplies unsigned by signed bytes: the activations go in as a + 128 (flip the sign bit) and the
 // block's precomputed weight row sums take the 128 * sum(w) back out.
 template <int R, class S>
 FLASHGEN_AVX512_VNNI void int8_tile_vnni(const QuantActs& x, const int8_t* w, const S* sc, int64_t sblocks,
-                                         int64_t kb, bool whole_row, float* out) {
+                                         int64_t kb, bool whole_row, float* out, int64_t ldo) {
   const __m512i flip = _mm512_set1_epi32(static_cast<int32_t>(0x80808080u));
   __m512 acc[R];
   __m512i iacc[R];
@@ -113,7 +113,7 @@ FLASHGEN_AVX512_VNNI void int8_tile_vnni(const QuantActs& x, const int8_t* w, co
     for (int r = 0; r < R; ++r)
       acc[r] = _mm512_mul_ps(_mm512_cvtepi32_ps(iacc[r]), _mm512_mul_ps(s, _mm512_set1_ps(x.d[r * x.d_stride])));
   }
-  for (int r = 0; r < R; ++r) _mm512_storeu_ps(out + r * kTileRows, acc[r]);
+  for (int r = 0; r < R; ++r) _mm512_storeu_ps(out + r * ldo, acc[r]);
 }
 
 // ---------------------------------------------------------------- AVX2 (each 256-bit half: 8 rows)
@@ -125,7 +125,7 @@ inline __m256 load8(const at::Half* p) { return _mm256_cvtph_ps(_mm_loadu_si128(
 
 template <int R, class S>
 void int4_tile_avx2(const QuantActs& x, const uint8_t* w, const S* sc, const S* of, int64_t kb, int64_t bpg,
-                    float* out) {
+                    float* out, int64_t ldo) {
   const __m256i low = _mm256_set1_epi8(0x0F), ones = _mm256_set1_epi16(1);
   for (int h = 0; h < 2; ++h) {
     __m256 acc[R];
@@ -159,7 +159,7 @@ void int4_tile_avx2(const QuantActs& x, const uint8_t* w, const S* sc, const S* 
         acc[r] = _mm256_fmadd_ps(m, _mm256_set1_ps(x.xsum[r * x.xsum_stride + gi]), acc[r]);
       }
     }
-    for (int r = 0; r < R; ++r) _mm256_storeu_ps(out + r * kTileRows + h * 8, acc[r]);
+    for (int r = 0; r < R; ++r) _mm256_storeu_ps(out + r * ldo + h * 8, acc[r]);
   }
 }
 
@@ -167,7 +167,7 @@ void int4_tile_avx2(const QuantActs& x, const uint8_t* w, const S* sc, const S* 
 // 2 * 128 * 127 = 32512, so it is exact for any int8 weight (and activations in [-127, 127]).
 template <int R, class S>
 void int8_tile_avx2(const QuantActs& x, const int8_t* w, const S* sc, int64_t sblocks, int64_t kb, bool whole_row,
-                    float* out) {
+                    float* out, int64_t ldo) {
   const __m256i ones = _mm256_set1_epi16(1);
   for (int h = 0; h < 2; ++h) {
     __m256 acc[R];
@@ -197,7 +197,7 @@ void int8_tile_avx2(const QuantActs& x, const int8_t* w, const S* sc, int64_t sb
       for (int r = 0; r < R; ++r)
         acc[r] = _mm256_mul_ps(_mm256_cvtepi32_ps(iacc[r]), _mm256_mul_ps(s, _mm256_set1_ps(x.d[r * x.d_stride])));
     }
-    for (int r = 0; r < R; ++r) _mm256_storeu_ps(out + r * kTileRows + h * 8, acc[r]);
+    for (int r = 0; r < R; ++r) _mm256_storeu_ps(out + r * ldo + h * 8, acc[r]);
   }
 }
 
@@ -219,8 +219,8 @@ QuantActs offset(const QuantActs& x, int64_t row) {
 }
 
 // The threads split the tiles (output features) once; each walks its tiles for every chunk of kRowChunk rows
-// (whose int8 activations stay in L2 while the tiles stream past). tile(t, x_rows, R, out16) fills out16
-// (R x 16).
+// (whose int8 activations stay in L2 while the tiles stream past). tile(t, x_rows, R, dst, ld) writes the R x 16
+// outputs to dst with row stride ld.
 template <int MaxR, class Tile>
 void run_tiles(const QuantActs& x, int64_t m, int64_t n, int64_t kb, float* out, Tile&& tile) {
   const int64_t grain = std::max<int64_t>(1, kMinTask / (m * kTileRows * kb * kBlock));
@@ -232,9 +232,13 @@ void run_tiles(const QuantActs& x, int64_t m, int64_t n, int64_t kb, float* out,
         const int64_t cols = std::min(kTileRows, n - t * kTileRows);
         for (int64_t r0 = m0; r0 < m1; r0 += MaxR) {
           const int rows = static_cast<int>(std::min<int64_t>(MaxR, m1 - r0));
-          with_rows<MaxR>(rows, [&](auto R) { tile(t, offset(x, r0), R, buf); });
-          for (int r = 0; r < rows; ++r)
-            std::memcpy(out + (r0 + r) * n + t * kTileRows, buf + r * kTileRows, cols * sizeof(float));
+          float* dst = out + r0 * n + t * kTileRows;
+          if (cols == kTileRows) {  // a whole tile: straight into the output rows
+            with_rows<MaxR>(rows, [&](auto R) { tile(t, offset(x, r0), R, dst, n); });
+            continue;
+          }
+          with_rows<MaxR>(rows, [&](auto R) { tile(t, offset(x, r0), R, buf, kTileRows); });
+          for (int r = 0; r < rows; ++r) std::memcpy(dst + r * n, buf + r * kTileRows, cols * sizeof(float));
         }
       }
     }
@@ -248,20 +252,21 @@ void int4_gemm(const QuantActs& x, int64_t m, const uint8_t* w, const S* scales,
                int64_t kb, int64_t bpg, float* out, bool vnni) {
   const int64_t groups = kb / bpg;
   auto tile = [&](auto isa_rows, auto kernel) {
-    run_tiles<decltype(isa_rows)::value>(x, m, n, kb, out, [&](int64_t t, const QuantActs& xr, auto R, float* buf) {
+    run_tiles<decltype(isa_rows)::value>(x, m, n, kb, out, [&](int64_t t, const QuantActs& xr, auto R, float* dst,
+                                                               int64_t ldo) {
       kernel(R, xr, w + t * kb * kInt4TileBytes, scales + t * groups * kTileRows, offsets + t * groups * kTileRows,
-             buf);
+             dst, ldo);
     });
   };
   if (vnni)
     tile(std::integral_constant<int, kVnniRows>{},
-         [&](auto R, const QuantActs& xr, const uint8_t* wt, const S* st, const S* ot, float* buf) {
-           int4_tile_vnni<R()>(xr, wt, st, ot, kb, bpg, buf);
+         [&](auto R, const QuantActs& xr, const uint8_t* wt, const S* st, const S* ot, float* dst, int64_t ldo) {
+           int4_tile_vnni<R()>(xr, wt, st, ot, kb, bpg, dst, ldo);
          });
   else
     tile(std::integral_constant<int, kAvx2Rows>{},
-         [&](auto R, const QuantActs& xr, const uint8_t* wt, const S* st, const S* ot, float* buf) {
-           int4_tile_avx2<R()>(xr, wt, st, ot, kb, bpg, buf);
+         [&](auto R, const QuantActs& xr, const uint8_t* wt, const S* st, const S* ot, float* dst, int64_t ldo) {
+           int4_tile_avx2<R()>(xr, wt, st, ot, kb, bpg, dst, ldo);
          });
 }
 
@@ -269,19 +274,20 @@ template <class S>
 void int8_gemm(const QuantActs& x, int64_t m, const int8_t* w, const S* scales, int64_t sblocks, int64_t n,
                int64_t kb, bool whole_row, float* out, bool vnni) {
   auto tile = [&](auto isa_rows, auto kernel) {
-    run_tiles<decltype(isa_rows)::value>(x, m, n, kb, out, [&](int64_t t, const QuantActs& xr, auto R, float* buf) {
-      kernel(R, xr, w + t * kb * kInt8TileBytes, scales + t * sblocks * kTileRows, buf);
+    run_tiles<decltype(isa_rows)::value>(x, m, n, kb, out, [&](int64_t t, const QuantActs& xr, auto R, float* dst,
+                                                               int64_t ldo) {
+      kernel(R, xr, w + t * kb * kInt8TileBytes, scales + t * sblocks * kTileRows, dst, ldo);
     });
   };
   if (vnni)
     tile(std::integral_constant<int, kVnniRows>{},
-         [&](auto R, const QuantActs& xr, const int8_t* wt, const S* st, float* buf) {
-           int8_tile_vnni<R()>(xr, wt, st, sblocks, kb, whole_row, buf);
+         [&](auto R, const QuantActs& xr, const int8_t* wt, const S* st, float* dst, int64_t ldo) {
+           int8_tile_vnni<R()>(xr, wt, st, sblocks, kb, whole_row, dst, ldo);
          });
   else
     tile(std::integral_constant<int, kAvx2Rows>{},
-         [&](auto R, const QuantActs& xr, const int8_t* wt, const S* st, float* buf) {
-           int8_tile_avx2<R()>(xr, wt, st, sblocks, kb, whole_row, buf);
+         [&](auto R, const QuantActs& xr, const int8_t* wt, const S* st, float* dst, int64_t ldo) {
+           int8_tile_avx2<R()>(xr, wt, st, sblocks, kb, whole_row, dst, ldo);
          });
 }
 
