@@ -139,11 +139,13 @@ std::tuple<at::Tensor, at::Tensor> flash_attn_kvcache(const at::Tensor& q_in, co
   }
   check_lengths(len, k_cache, table);
 
-  // Tasks: (sequence, kv head, group of <= kBlockQ packed rows, split).
+  // Tasks: (sequence, group of <= kBlockQ packed rows, split). A task walks its key range block by block and
+  // attends each block with every kv head in turn: the heads of a cache row lie side by side, so the cache is
+  // read in address order (a decode step reads it once, from DRAM).
   const int64_t rows_total = sq * group, row_groups = (rows_total + kBlockQ - 1) / kBlockQ;
   const int64_t max_len = batch ? *std::max_element(len.begin(), len.end()) : 0;
-  const int64_t splits = pick_splits(num_splits, batch * kv_heads * row_groups, max_len);
-  const int64_t n_tasks = batch * kv_heads * row_groups * splits;
+  const int64_t splits = pick_splits(num_splits, batch * row_groups, max_len);
+  const int64_t n_tasks = batch * row_groups * splits;
   // Partial results per (sequence, kv head, split): rows_total rows of o (ld floats), m and l.
   std::vector<float> po(batch * kv_heads * splits * rows_total * ld), pm(batch * kv_heads * splits * rows_total),
       pl(pm.size());
@@ -161,30 +163,35 @@ std::tuple<at::Tensor, at::Tensor> flash_attn_kvcache(const at::Tensor& q_in, co
     const Simd& isa = simd();
     // A task over a few key blocks is shorter than waking a second thread (short-context decode): give each
     // thread at least kMinKeysPerThread keys.
-    const int64_t chunk_keys = std::max<int64_t>(1, (max_len + splits - 1) / splits);
+    const int64_t chunk_keys = std::max<int64_t>(1, (max_len + splits - 1) / splits) * kv_heads;
     at::parallel_for(0, n_tasks, (kMinKeysPerThread + chunk_keys - 1) / chunk_keys, [&](int64_t begin, int64_t end) {
-      std::vector<float> qf(kBlockQ * ld), kt(int64_t(d) * kBlockK), vf(kBlockK * ld), s(kBlockQ * kBlockK);
+      std::vector<float> qf(kv_heads * kBlockQ * ld), kt(int64_t(d) * kBlockK), vf(kBlockK * ld), s(kBlockQ * kBlockK);
       std::vector<int64_t> pos(kBlockQ);
       for (int64_t t = begin; t < end; ++t) {
-        const int64_t split = t % splits, rg = t / splits % row_groups, bh = t / splits / row_groups;
-        const int64_t b = bh / kv_heads, h = bh % kv_heads, r0 = rg * kBlockQ;
+        const int64_t split = t % splits, rg = t / splits % row_groups, b = t / splits / row_groups;
+        const int64_t r0 = rg * kBlockQ;
         const int rows = int(std::min<int64_t>(kBlockQ, rows_total - r0));
-        for (int r = 0; r < rows; ++r) {
-          const int64_t i = (r0 + r) / group, head = h * group + (r0 + r) % group;
-          load_rows(Rows<T>{qp + ((b * sq + i) * heads + head) * d, 0}, 0, 1, d, ld, qf.data() + r * ld,
-                    opt.scale);
-          pos[r] = i + len[b] - sq;
+        for (int r = 0; r < rows; ++r) pos[r] = (r0 + r) / group + len[b] - sq;
+        auto part = [&](int64_t h) { return ((b * kv_heads + h) * splits + split) * rows_total + r0; };
+        for (int64_t h = 0; h < kv_heads; ++h) {
+          for (int r = 0; r < rows; ++r) {
+            const int64_t i = (r0 + r) / group, head = h * group + (r0 + r) % group;
+            load_rows(Rows<T>{qp + ((b * sq + i) * heads + head) * d, 0}, 0, 1, d, ld,
+                      qf.data() + (h * kBlockQ + r) * ld, opt.scale);
+          }
+          std::fill(po.data() + part(h) * ld, po.data() + (part(h) + rows) * ld, 0.f);
+          std::fill(pm.data() + part(h), pm.data() + part(h) + rows, kNegInf);
+          std::fill(pl.data() + part(h), pl.data() + part(h) + rows, 0.f);
         }
-        const int64_t part = (bh * splits + split) * rows_total + r0;
-        float *o = po.data() + part * ld, *m = pm.data() + part, *l = pl.data() + part;
-        std::fill(o, o + rows * ld, 0.f);
-        std::fill(m, m + rows, kNegInf);
-        std::fill(l, l + rows, 0.f);
         const int64_t chunk = round_up((len[b] + splits - 1) / splits, kBlockK);
+        const int64_t k_end = std::min(len[b], (split + 1) * chunk);
         const int32_t* row_table = tp ? tp + b * table_stride : nullptr;
-        attend(isa, opt, rows, qf.data(), ld, d, pos.data(), len[b], cache_rows<T>(k_cache, row_table, b, h),
-               cache_rows<T>(v_cache, row_table, b, h), split * chunk, std::min(len[b], (split + 1) * chunk),
-               kt.data(), vf.data(), s.data(), o, m, l);
+        for (int64_t k0 = split * chunk; k0 < k_end; k0 += kBlockK)
+          for (int64_t h = 0; h < kv_heads; ++h)
+            attend(isa, opt, rows, qf.data() + h * kBlockQ * ld, ld, d, pos.data(), len[b],
+                   cache_rows<T>(k_cache, row_table, b, h), cache_rows<T>(v_cache, row_table, b, h), k0,
+                   std::min(k_end, k0 + kBlockK), kt.data(), vf.data(), s.data(), po.data() + part(h) * ld,
+                   pm.data() + part(h), pl.data() + part(h));
       }
     });
     T* op = out.data_ptr<T>();
