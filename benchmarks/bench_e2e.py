@@ -15,6 +15,7 @@ transformers bfloat16.
     pytest benchmarks/bench_e2e.py --benchmark-only      # the same, asserting the targets
 """
 import argparse
+import copy
 import json
 import logging
 import os
@@ -92,17 +93,6 @@ def _stats(values):
             "samples": values}
 
 
-def bench_flashgen(path, n_prompt, n_gen, repetitions):
-    from flashgen.engine.cli import bench_model
-    from flashgen.engine.llm import LLM
-
-    llm = LLM(path, device="cpu", max_seq_len=n_prompt + n_gen + 8)
-    runs = bench_model(llm, n_prompt, n_gen, repetitions)
-    return {"pp": _stats(runs["pp"]), "tg": _stats(runs["tg"]),
-            "weight_bytes_per_token": weight_bytes_per_token(llm.model),
-            "ops_per_decode_step": ops_per_decode_step(llm.model)}
-
-
 def load_hf(path, dtype):
     """transformers' own GGUF reader: the same weights, dequantized to `dtype` (eager attention)."""
     from transformers import AutoModelForCausalLM
@@ -112,8 +102,9 @@ def load_hf(path, dtype):
                                                 attn_implementation="eager").eval()
 
 
-def bench_hf(model, n_prompt, n_gen, repetitions, vocab_size, seed=0):
-    """transformers eager: prefill of n_prompt tokens, and n_gen single-token steps with its KV cache."""
+def hf_runs(model, n_prompt, n_gen, vocab_size, seed=0):
+    """transformers eager, as flashgen's bench_runs: {"pp": fn, "tg": fn} measuring one run each (tokens/s),
+    prefill of n_prompt tokens and n_gen single-token steps with its KV cache."""
     gen = torch.Generator().manual_seed(seed)
     prompt = torch.randint(0, vocab_size, (1, n_prompt), generator=gen)
     steps = torch.randint(0, vocab_size, (n_gen, 1, 1), generator=gen)
@@ -128,16 +119,14 @@ def bench_hf(model, n_prompt, n_gen, repetitions, vocab_size, seed=0):
             past = model(t, past_key_values=past, use_cache=True).past_key_values
         return n_gen / (time.perf_counter() - start)
 
-    with torch.inference_mode():
-        out = {}
-        for name, fn in (("pp", pp), ("tg", tg)):
-            fn()
-            out[name] = _stats([fn() for _ in range(repetitions)])
-    return out
+    return {"pp": pp, "tg": tg}
 
 
 def run(threads=2, n_prompt=512, n_gen=64, repetitions=3, model_path=None):
-    from flashgen.engine.llm import default_model_path
+    """The three engines measured in turn within each repetition, so a change in the machine's load
+    reaches all of them alike; one untimed warm-up run of each first."""
+    from flashgen.engine.cli import bench_runs
+    from flashgen.engine.llm import LLM, default_model_path
 
     torch.set_num_threads(threads)
     path = model_path or default_model_path()
@@ -145,15 +134,27 @@ def run(threads=2, n_prompt=512, n_gen=64, repetitions=3, model_path=None):
     results["read_bandwidth_gbs"] = read_bandwidth_gbs(threads)
     torch.set_num_threads(threads)
     log.info("read bandwidth %.1f GB/s", results["read_bandwidth_gbs"])
-    results["flashgen"] = bench_flashgen(path, n_prompt, n_gen, repetitions)
+    llm = LLM(path, device="cpu", max_seq_len=n_prompt + n_gen + 8)
+    hf32 = load_hf(path, torch.float32)
+    hf16 = copy.deepcopy(hf32).to(torch.bfloat16)
+    vocab = hf32.config.vocab_size
+    engines = {"flashgen": bench_runs(llm, n_prompt, n_gen), "hf_float32": hf_runs(hf32, n_prompt, n_gen, vocab),
+               "hf_bfloat16": hf_runs(hf16, n_prompt, n_gen, vocab)}
+    samples = {name: {"pp": [], "tg": []} for name in engines}
+    with torch.inference_mode():
+        for runs in engines.values():
+            runs["pp"](), runs["tg"]()
+        for _ in range(repetitions):
+            for name, runs in engines.items():
+                for kind in ("pp", "tg"):
+                    samples[name][kind].append(runs[kind]())
+    del hf32, hf16
+    for name, s in samples.items():
+        results[name] = {"pp": _stats(s["pp"]), "tg": _stats(s["tg"])}
     log.info("flashgen %s", results["flashgen"])
-    model = load_hf(path, torch.float32)
-    for dtype in (torch.float32, torch.bfloat16):
-        model = model.to(dtype)
-        results[f"hf_{str(dtype).split('.')[-1]}"] = bench_hf(model, n_prompt, n_gen, repetitions,
-                                                              model.config.vocab_size)
-    del model
     fg = results["flashgen"]
+    fg["weight_bytes_per_token"] = weight_bytes_per_token(llm.model)
+    fg["ops_per_decode_step"] = ops_per_decode_step(llm.model)
     ceiling = results["read_bandwidth_gbs"] * 1e9 / fg["weight_bytes_per_token"]
     results["ceiling_tokens_per_s"] = ceiling
     results["ratios"] = {

@@ -182,10 +182,10 @@ def cmd_chat(args):
         history.append({"role": "assistant", "content": reply})
 
 
-def bench_model(llm, n_prompt, n_gen, repetitions, seed=0):
-    """Tokens/s of prefill (pp: n_prompt tokens in one pass) and decode (tg: n_gen single-token steps)
-    on random token ids, excluding tokenization and sampling. Returns {"pp": [t/s, ...], "tg": [...]}.
-    One untimed warm-up run of each comes first."""
+def bench_runs(llm, n_prompt, n_gen, seed=0):
+    """{"pp": fn, "tg": fn}: each call of fn measures one run on random token ids, in tokens/s: prefill (pp,
+    n_prompt tokens in one pass) or decode (tg, n_gen single-token steps), tokenization and sampling excluded.
+    Call them under torch.inference_mode()."""
     import torch
 
     model, device = llm.model, llm.device
@@ -213,9 +213,16 @@ def bench_model(llm, n_prompt, n_gen, repetitions, seed=0):
         _sync(device)
         return n_gen / (time.perf_counter() - start)
 
+    return {"pp": pp, "tg": tg}
+
+
+def bench_model(llm, n_prompt, n_gen, repetitions, seed=0):
+    """Tokens/s of `bench_runs`: {"pp": [t/s, ...], "tg": [...]}, after one untimed warm-up run of each."""
+    import torch
+
     results = {}
     with torch.inference_mode():
-        for name, fn in (("pp", pp), ("tg", tg)):
+        for name, fn in bench_runs(llm, n_prompt, n_gen, seed).items():
             fn()
             results[name] = [fn() for _ in range(repetitions)]
     return results
