@@ -168,7 +168,10 @@ std::tuple<at::Tensor, at::Tensor> flash_attn_kvcache(const at::Tensor& q_in, co
       std::vector<float> qf(kv_heads * kBlockQ * ld), kt(int64_t(d) * kBlockK), vf(kBlockK * ld), s(kBlockQ * kBlockK);
       std::vector<int64_t> pos(kBlockQ);
       for (int64_t t = begin; t < end; ++t) {
-        const int64_t split = t % splits, rg = t / splits % row_groups, b = t / splits / row_groups;
+        // Causal row groups cost more the later they come: zigzag them (0, last, 1, last - 1, ...) so that the
+        // threads' contiguous task ranges get equal work.
+        const int64_t split = t % splits, zig = t / splits % row_groups, b = t / splits / row_groups;
+        const int64_t rg = zig % 2 == 0 ? zig / 2 : row_groups - 1 - zig / 2;
         const int64_t r0 = rg * kBlockQ;
         const int rows = int(std::min<int64_t>(kBlockQ, rows_total - r0));
         for (int r = 0; r < rows; ++r) pos[r] = (r0 + r) / group + len[b] - sq;
