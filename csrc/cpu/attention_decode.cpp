@@ -162,10 +162,11 @@ std::tuple<at::Tensor, at::Tensor> flash_attn_kvcache(const at::Tensor& q_in, co
     const T* qp = q.data_ptr<T>();
     const Simd& isa = simd();
     // A task over a few key blocks is shorter than waking a second thread (short-context decode): give each
-    // thread at least kMinKeysPerThread keys.
-    const int64_t chunk_keys = std::max<int64_t>(1, (max_len + splits - 1) / splits) * kv_heads;
-    at::parallel_for(0, n_tasks, (kMinKeysPerThread + chunk_keys - 1) / chunk_keys, [&](int64_t begin, int64_t end) {
-      std::vector<float> qf(kv_heads * kBlockQ * ld), kt(int64_t(d) * kBlockK), vf(kBlockK * ld), s(kBlockQ * kBlockK);
+    // thread at least kMinKeysPerThread (key, kv head) pairs.
+    const int64_t task_keys = std::max<int64_t>(1, (max_len + splits - 1) / splits) * kv_heads;
+    at::parallel_for(0, n_tasks, (kMinKeysPerThread + task_keys - 1) / task_keys, [&](int64_t begin, int64_t end) {
+      std::vector<float> qf(kv_heads * kBlockQ * ld), kt(int64_t(d) * kBlockK), vf(kBlockK * ld),
+          s(kBlockQ * kBlockK);
       std::vector<int64_t> pos(kBlockQ);
       for (int64_t t = begin; t < end; ++t) {
         // Causal row groups cost more the later they come: zigzag them (0, last, 1, last - 1, ...) so that the

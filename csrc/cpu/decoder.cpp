@@ -8,8 +8,8 @@
 //   x = norm(h + r) (r <- h + r),  q, k, v = split(x Wqkv^T)  [q, k RMSNorm per head],  rope(q, k),
 //   o = attention over the KV cache with k, v appended at cache_seqlens,  h = o Wo^T,
 //   x = norm(h + r) (r <- h + r),  h = act(x Win^T [gate]) [* up] Wout^T,
-// then logits = norm(h + r) Whead^T at each sequence's last token, and cache_seqlens grow. The weights and the cache are the model's own
-// tensors (shared, not copied), checked once when the decoder is built.
+// then logits = norm(h + r) Whead^T at each sequence's last token, and cache_seqlens grow. The weights and
+// the cache are the model's own tensors (shared, not copied), checked once when the decoder is built.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/custom_class.h>
