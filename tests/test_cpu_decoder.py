@@ -5,6 +5,10 @@ Both compute the same layers with the same kernels, so float32 models agree to f
 int8 weights the activations are rounded to int8 inside the linears, and a last-bit difference upstream can
 move one rounding: the bound there is looser, and greedy tokens must still agree.
 """
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
 
@@ -47,6 +51,20 @@ def test_step_matches_python_layers(tiny_models, arch, quant):
     torch.testing.assert_close(ours, ref, atol=tol * ref.abs().max().item(), rtol=0)
     if quant is None:
         assert torch.equal(ours.argmax(-1), ref.argmax(-1))
+
+
+def test_avx2_path_in_a_subprocess():
+    """FLASHGEN_NO_AVX512=1 (read once per process) makes the step's vector kernels take their AVX2 path."""
+    code = (
+        "import sys, tempfile; sys.path.insert(0, %r); import test_cpu_decoder as t, tiny_models as m\n"
+        "models = m.TinyModels(tempfile.mkdtemp())\n"
+        "t.test_step_matches_python_layers(models, 'phi3', None)\n"
+        "t.test_step_matches_python_layers(models, 'llama', 'int4'); print('ok')\n" % os.path.dirname(__file__)
+    )
+    # run from tests/: from the repository root, transformers would take the kernels/ folder for its `kernels`
+    res = subprocess.run([sys.executable, "-c", code], env={**os.environ, "FLASHGEN_NO_AVX512": "1"},
+                         cwd=os.path.dirname(__file__), capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0 and "ok" in res.stdout, res.stderr[-3000:]
 
 
 def test_step_is_used_for_cpu_float32_only(tiny_models):

@@ -41,7 +41,8 @@ CONFIGS = {
     "mistral": ("MistralForCausalLM", dict(sliding_window=7, head_dim=16)),
     "qwen2": ("Qwen2ForCausalLM", dict(tie_word_embeddings=True, rope_theta=1e6)),
     "qwen3": ("Qwen3ForCausalLM", dict(head_dim=24, tie_word_embeddings=True)),
-    "phi3": ("Phi3ForCausalLM", dict(num_key_value_heads=4, pad_token_id=0)),
+    # intermediate 84: the vector kernels' tails (not a multiple of 16 or 8) on a gated MLP
+    "phi3": ("Phi3ForCausalLM", dict(num_key_value_heads=4, pad_token_id=0, intermediate_size=84)),
     "gpt2": ("GPT2LMHeadModel", dict(vocab_size=VOCAB_SIZE, n_embd=64, n_layer=2, n_head=4, n_positions=256,
                                      bos_token_id=0, eos_token_id=0, initializer_range=0.1)),
 }

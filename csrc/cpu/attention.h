@@ -24,7 +24,7 @@ constexpr float kNegInf = -std::numeric_limits<float>::infinity();
 
 inline int64_t round_up(int64_t x, int64_t m) { return (x + m - 1) / m * m; }
 
-// SIMD primitives over float32; n (columns) is always a multiple of kVec.
+// SIMD primitives over float32; n (columns) is a multiple of kVec except for silu.
 struct Simd {
   // C[m x n] = (accumulate ? C : 0) + A[m x kk] B[kk x n], with A(i, p) = a[i * a_row + p * a_col] (so A may
   // be a transposed view) and B, C row-major with leading dimensions ldb, ldc.
@@ -35,6 +35,8 @@ struct Simd {
   float (*exp_sum)(float* x, int n, float shift);
   // dst[c * ld_dst + r] = src[r * ld_src + c] for r, c < 16.
   void (*transpose16)(const float* src, int64_t ld_src, float* dst, int64_t ld_dst);
+  // out = g * sigmoid(g) (* up where given) over any n; the decoder's SwiGLU, on the exp above.
+  void (*silu)(const float* g, const float* up, float* out, int64_t n);
 };
 const Simd& simd();  // AVX-512 when the CPU has it, AVX2 otherwise
 

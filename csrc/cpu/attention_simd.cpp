@@ -1,5 +1,9 @@
 // SIMD primitives of the CPU attention kernels (AVX-512 and AVX2 versions, chosen once at run time) and the
 // pieces every attention kernel shares: the score tile, sequence bookkeeping and input checks.
+// GCC 12 warns inside its own avx512fintrin.h (intrinsics that start from a deliberately undefined vector,
+// here the masked loads' zero-masking); the warning is attributed to the header, so it is silenced first.
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+#pragma GCC diagnostic ignored "-Wuninitialized"
 #include <immintrin.h>
 
 #include <cmath>
@@ -92,25 +96,39 @@ FLASHGEN_AVX512 void transpose16_512(const float* src, int64_t ld_src, float* ds
   }
 }
 
+// exp(v) lane by lane (see the constants above).
+FLASHGEN_AVX512 inline __m512 exp512(__m512 v) {
+  const __mmask16 tiny = _mm512_cmp_ps_mask(v, _mm512_set1_ps(kExpLo), _CMP_LT_OQ);
+  v = _mm512_min_ps(_mm512_set1_ps(kExpHi), _mm512_max_ps(_mm512_set1_ps(kExpLo), v));
+  const __m512 k = _mm512_roundscale_ps(_mm512_mul_ps(v, _mm512_set1_ps(kLog2e)),
+                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m512 r = _mm512_fnmadd_ps(k, _mm512_set1_ps(kLn2Hi), v);
+  r = _mm512_fnmadd_ps(k, _mm512_set1_ps(kLn2Lo), r);
+  __m512 y = _mm512_set1_ps(kExpPoly[0]);
+  for (int p = 1; p < 6; ++p) y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(kExpPoly[p]));
+  y = _mm512_fmadd_ps(y, _mm512_mul_ps(r, r), _mm512_add_ps(r, _mm512_set1_ps(1.f)));
+  return _mm512_maskz_mov_ps(_knot_mask16(tiny), _mm512_scalef_ps(y, k));
+}
+
 FLASHGEN_AVX512 float exp_sum512(float* x, int n, float shift) {
   __m512 sum = _mm512_setzero_ps();
   const __m512 sh = _mm512_set1_ps(shift);
   for (int i = 0; i < n; i += 16) {
-    __m512 v = _mm512_sub_ps(_mm512_loadu_ps(x + i), sh);
-    const __mmask16 tiny = _mm512_cmp_ps_mask(v, _mm512_set1_ps(kExpLo), _CMP_LT_OQ);
-    v = _mm512_min_ps(_mm512_set1_ps(kExpHi), _mm512_max_ps(_mm512_set1_ps(kExpLo), v));
-    const __m512 k = _mm512_roundscale_ps(_mm512_mul_ps(v, _mm512_set1_ps(kLog2e)),
-                                          _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-    __m512 r = _mm512_fnmadd_ps(k, _mm512_set1_ps(kLn2Hi), v);
-    r = _mm512_fnmadd_ps(k, _mm512_set1_ps(kLn2Lo), r);
-    __m512 y = _mm512_set1_ps(kExpPoly[0]);
-    for (int p = 1; p < 6; ++p) y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(kExpPoly[p]));
-    y = _mm512_fmadd_ps(y, _mm512_mul_ps(r, r), _mm512_add_ps(r, _mm512_set1_ps(1.f)));
-    y = _mm512_maskz_mov_ps(_knot_mask16(tiny), _mm512_scalef_ps(y, k));
+    const __m512 y = exp512(_mm512_sub_ps(_mm512_loadu_ps(x + i), sh));
     _mm512_storeu_ps(x + i, y);
     sum = _mm512_add_ps(sum, y);
   }
   return _mm512_reduce_add_ps(sum);
+}
+
+FLASHGEN_AVX512 void silu512(const float* g, const float* up, float* out, int64_t n) {
+  for (int64_t i = 0; i < n; i += 16) {
+    const __mmask16 m = n - i >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << (n - i)) - 1);
+    const __m512 x = _mm512_maskz_loadu_ps(m, g + i);
+    __m512 y = _mm512_div_ps(x, _mm512_add_ps(_mm512_set1_ps(1.f), exp512(_mm512_sub_ps(_mm512_setzero_ps(), x))));
+    if (up) y = _mm512_mul_ps(y, _mm512_maskz_loadu_ps(m, up + i));
+    _mm512_mask_storeu_ps(out + i, m, y);
+  }
 }
 
 // ---------------------------------------------------------------- AVX2 (the build baseline)
@@ -180,33 +198,47 @@ void transpose16_256(const float* src, int64_t ld_src, float* dst, int64_t ld_ds
     for (int j = 0; j < 16; j += 8) transpose8_256(src + i * ld_src + j, ld_src, dst + j * ld_dst + i, ld_dst);
 }
 
+inline __m256 exp256(__m256 v) {
+  const __m256 tiny = _mm256_cmp_ps(v, _mm256_set1_ps(kExpLo), _CMP_LT_OQ);
+  v = _mm256_min_ps(_mm256_set1_ps(kExpHi), _mm256_max_ps(_mm256_set1_ps(kExpLo), v));
+  const __m256 k = _mm256_round_ps(_mm256_mul_ps(v, _mm256_set1_ps(kLog2e)),
+                                   _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m256 r = _mm256_fnmadd_ps(k, _mm256_set1_ps(kLn2Hi), v);
+  r = _mm256_fnmadd_ps(k, _mm256_set1_ps(kLn2Lo), r);
+  __m256 y = _mm256_set1_ps(kExpPoly[0]);
+  for (int p = 1; p < 6; ++p) y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(kExpPoly[p]));
+  y = _mm256_fmadd_ps(y, _mm256_mul_ps(r, r), _mm256_add_ps(r, _mm256_set1_ps(1.f)));
+  const __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(k), _mm256_set1_epi32(127)), 23);
+  return _mm256_andnot_ps(tiny, _mm256_mul_ps(y, _mm256_castsi256_ps(e)));
+}
+
 float exp_sum256(float* x, int n, float shift) {
   __m256 sum = _mm256_setzero_ps();
   const __m256 sh = _mm256_set1_ps(shift);
   for (int i = 0; i < n; i += 8) {
-    __m256 v = _mm256_sub_ps(_mm256_loadu_ps(x + i), sh);
-    const __m256 tiny = _mm256_cmp_ps(v, _mm256_set1_ps(kExpLo), _CMP_LT_OQ);
-    v = _mm256_min_ps(_mm256_set1_ps(kExpHi), _mm256_max_ps(_mm256_set1_ps(kExpLo), v));
-    const __m256 k = _mm256_round_ps(_mm256_mul_ps(v, _mm256_set1_ps(kLog2e)),
-                                     _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-    __m256 r = _mm256_fnmadd_ps(k, _mm256_set1_ps(kLn2Hi), v);
-    r = _mm256_fnmadd_ps(k, _mm256_set1_ps(kLn2Lo), r);
-    __m256 y = _mm256_set1_ps(kExpPoly[0]);
-    for (int p = 1; p < 6; ++p) y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(kExpPoly[p]));
-    y = _mm256_fmadd_ps(y, _mm256_mul_ps(r, r), _mm256_add_ps(r, _mm256_set1_ps(1.f)));
-    const __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(k), _mm256_set1_epi32(127)), 23);
-    y = _mm256_andnot_ps(tiny, _mm256_mul_ps(y, _mm256_castsi256_ps(e)));
+    const __m256 y = exp256(_mm256_sub_ps(_mm256_loadu_ps(x + i), sh));
     _mm256_storeu_ps(x + i, y);
     sum = _mm256_add_ps(sum, y);
   }
   return hsum256(sum);
 }
 
+void silu256(const float* g, const float* up, float* out, int64_t n) {
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8) {
+    const __m256 x = _mm256_loadu_ps(g + i);
+    __m256 y = _mm256_div_ps(x, _mm256_add_ps(_mm256_set1_ps(1.f), exp256(_mm256_sub_ps(_mm256_setzero_ps(), x))));
+    if (up) y = _mm256_mul_ps(y, _mm256_loadu_ps(up + i));
+    _mm256_storeu_ps(out + i, y);
+  }
+  for (; i < n; ++i) out[i] = g[i] / (1.f + std::exp(-g[i])) * (up ? up[i] : 1.f);
+}
+
 }  // namespace
 
 const Simd& simd() {
-  static const Simd avx512{gemm512, row_max512, exp_sum512, transpose16_512},
-      avx2{gemm256, row_max256, exp_sum256, transpose16_256};
+  static const Simd avx512{gemm512, row_max512, exp_sum512, transpose16_512, silu512},
+      avx2{gemm256, row_max256, exp_sum256, transpose16_256, silu256};
   // FLASHGEN_NO_AVX512=1 forces the AVX2 path (so tests on an AVX-512 machine cover both).
   static const bool use_avx512 = has_avx512() && !std::getenv("FLASHGEN_NO_AVX512");
   return use_avx512 ? avx512 : avx2;

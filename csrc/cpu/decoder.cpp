@@ -117,7 +117,7 @@ struct CpuDecoder : torch::CustomClassHolder {
   Norm final_norm;
   Linear head;
   // float32 scratch, resized to the rows (B x T tokens): h, r, x (rows, hidden), qkv (rows, q + 2 kv), mlp
-  // (rows, w_in out), act (rows, intermediate; padded to whole SIMD vectors), rope (rows, rotary_dim)
+  // (rows, w_in out), act (rows, intermediate), rope (rows, rotary_dim)
   std::vector<float> h, r, x, qkv, mlp, act, rope;
   quant::ActScratch acts;
 
@@ -220,7 +220,7 @@ struct CpuDecoder : torch::CustomClassHolder {
     const int64_t mlp_w = intermediate * (gated ? 2 : 1);
     for (auto* v : {&h, &r, &x}) v->resize(rows * hidden);
     qkv.resize(rows * qkv_w), mlp.resize(rows * mlp_w);
-    act.resize(attn::round_up(rows * intermediate, attn::kVec));
+    act.resize(rows * intermediate);
 
     embed(tp, pos, b, t);
     const at::Tensor lens = seqlens.narrow(0, 0, b);
@@ -328,26 +328,9 @@ struct CpuDecoder : torch::CustomClassHolder {
   void activate(int64_t rows, int64_t mlp_w) {
     const int64_t n = intermediate;
     if (activation == kSilu) {
-      // silu(g) = g / (1 + e^-g), e^-g by the attention kernels' vector exp over whole vectors of act (its
-      // size is padded to a multiple of the vector width).
-      const int64_t vecs = int64_t(act.size()) / attn::kVec;
-      at::parallel_for(0, vecs, (int64_t{1} << 14) / attn::kVec, [&](int64_t v0, int64_t v1) {
-        const int64_t e0 = v0 * attn::kVec, e1 = v1 * attn::kVec, end = std::min(e1, rows * n);
-        // fn(a, g, count): `count` elements of act from a, their gate values from g (up values at g + n)
-        auto segments = [&](auto fn) {
-          for (int64_t e = e0; e < end;) {
-            const int64_t row = e / n, col = e % n, count = std::min(n - col, end - e);
-            fn(&act[e], &mlp[row * mlp_w + col], count);
-            e += count;
-          }
-        };
-        segments([](float* a, const float* g, int64_t count) {
-          for (int64_t j = 0; j < count; ++j) a[j] = -g[j];
-        });
-        attn::simd().exp_sum(&act[e0], int(e1 - e0), 0.f);
-        segments([&](float* a, const float* g, int64_t count) {
-          for (int64_t j = 0; j < count; ++j) a[j] = g[j] / (1.f + a[j]) * (gated ? g[n + j] : 1.f);
-        });
+      over_rows(rows, mlp_w, [&](int64_t r0, int64_t r1) {
+        for (int64_t i = r0; i < r1; ++i)
+          attn::simd().silu(&mlp[i * mlp_w], gated ? &mlp[i * mlp_w + n] : nullptr, &act[i * n], n);
       });
       return;
     }

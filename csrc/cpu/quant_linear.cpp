@@ -35,10 +35,10 @@ bool use_vnni() {
 
 namespace {
 
-// a = round(x * 127 / max|x|) (ties to even), d = max|x| / 127 over len values; AVX2 for whole vectors of 8
-// (the build baseline; the same float operations as the scalar tail, so the codes do not depend on it). A NaN
-// is ignored by the max, as std::max(amax, NaN) does.
-void quantize_span(const float* x, int64_t len, int8_t* a, float* d) {
+// a = round(x * 127 / max|x|) (ties to even), d = max|x| / 127 over len values; returns sum(a). AVX2 (the
+// build baseline) for whole vectors of 8 and AVX-512 with masked tails: the same float operations as the
+// scalar tail, so the codes do not depend on the path. A NaN is ignored by the max, as std::max(amax, NaN) is.
+int32_t quantize_span(const float* x, int64_t len, int8_t* a, float* d) {
   const __m256 sign = _mm256_set1_ps(-0.f);
   __m256 vmax = _mm256_setzero_ps();
   int64_t i = 0;
@@ -49,13 +49,38 @@ void quantize_span(const float* x, int64_t len, int8_t* a, float* d) {
   for (int64_t j = i; j < len; ++j) amax = std::max(amax, std::fabs(x[j]));
   const float inv = amax > 0.f ? 127.f / amax : 0.f;
   const __m256 vinv = _mm256_set1_ps(inv);
+  __m256i vsum = _mm256_setzero_si256();
   for (i = 0; i + 8 <= len; i += 8) {
     const __m256i q = _mm256_cvtps_epi32(_mm256_mul_ps(_mm256_loadu_ps(x + i), vinv));  // |q| <= 127
+    vsum = _mm256_add_epi32(vsum, q);
     const __m128i q16 = _mm_packs_epi32(_mm256_castsi256_si128(q), _mm256_extracti128_si256(q, 1));
     _mm_storel_epi64(reinterpret_cast<__m128i*>(a + i), _mm_packs_epi16(q16, q16));
   }
-  for (; i < len; ++i) a[i] = static_cast<int8_t>(std::nearbyint(x[i] * inv));
+  __m128i s4 = _mm_add_epi32(_mm256_castsi256_si128(vsum), _mm256_extracti128_si256(vsum, 1));
+  s4 = _mm_add_epi32(s4, _mm_shuffle_epi32(s4, 0x4E));
+  int32_t sum = _mm_cvtsi128_si32(_mm_add_epi32(s4, _mm_shuffle_epi32(s4, 0xB1)));
+  for (; i < len; ++i) {
+    a[i] = static_cast<int8_t>(std::nearbyint(x[i] * inv));
+    sum += a[i];
+  }
   *d = amax / 127.f;
+  return sum;
+}
+
+FLASHGEN_AVX512 int32_t quantize_span512(const float* x, int64_t len, int8_t* a, float* d) {
+  auto mask = [&](int64_t i) { return len - i >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << (len - i)) - 1); };
+  __m512 vmax = _mm512_setzero_ps();
+  for (int64_t i = 0; i < len; i += 16) vmax = _mm512_max_ps(_mm512_abs_ps(_mm512_maskz_loadu_ps(mask(i), x + i)), vmax);
+  const float amax = _mm512_reduce_max_ps(vmax);
+  const __m512 vinv = _mm512_set1_ps(amax > 0.f ? 127.f / amax : 0.f);
+  __m512i vsum = _mm512_setzero_si512();
+  for (int64_t i = 0; i < len; i += 16) {
+    const __m512i q = _mm512_cvtps_epi32(_mm512_mul_ps(_mm512_maskz_loadu_ps(mask(i), x + i), vinv));
+    vsum = _mm512_add_epi32(vsum, q);
+    _mm512_mask_cvtsepi32_storeu_epi8(a + i, mask(i), q);
+  }
+  *d = amax / 127.f;
+  return _mm512_reduce_add_epi32(vsum);
 }
 
 }  // namespace
@@ -63,27 +88,25 @@ void quantize_span(const float* x, int64_t len, int8_t* a, float* d) {
 QuantActs quantize_acts_into(const float* x, int64_t m, int64_t k, int64_t d_cols, bool per_row, int64_t group,
                              int8_t* a, float* d, float* xsum) {
   const int64_t kb = blocks(k), groups = group > 0 ? k / group : 0;
+  const auto quantize = use_vnni() ? quantize_span512 : quantize_span;
   at::parallel_for(0, m, std::max<int64_t>(1, (int64_t{1} << 16) / k), [&](int64_t r0, int64_t r1) {
+    std::vector<int32_t> sums(kb);
     for (int64_t r = r0; r < r1; ++r) {
       const float* xr = x + r * k;
       int8_t* ar = a + r * kb * kBlock;
       float* dr = d + r * d_cols;
       std::fill(ar + k, ar + kb * kBlock, int8_t{0});  // the kernels read whole blocks
       if (per_row) {
-        quantize_span(xr, k, ar, dr);
+        quantize(xr, k, ar, dr);
         std::fill(dr + 1, dr + d_cols, dr[0]);
       } else {
         for (int64_t b = 0; b < kb; ++b)
-          quantize_span(xr + b * kBlock, std::min(kBlock, k - b * kBlock), ar + b * kBlock, dr + b);
+          sums[b] = quantize(xr + b * kBlock, std::min(kBlock, k - b * kBlock), ar + b * kBlock, dr + b);
       }
       // sum of the quantized activations over each weight group (see the file comment)
       for (int64_t i = 0; i < groups; ++i) {
         double s = 0;
-        for (int64_t b = i * group / kBlock; b < (i + 1) * group / kBlock; ++b) {
-          int32_t sa = 0;
-          for (int64_t j = 0; j < kBlock; ++j) sa += ar[b * kBlock + j];
-          s += static_cast<double>(dr[b]) * sa;
-        }
+        for (int64_t b = i * group / kBlock; b < (i + 1) * group / kBlock; ++b) s += static_cast<double>(dr[b]) * sums[b];
         xsum[r * groups + i] = static_cast<float>(s);
       }
     }
