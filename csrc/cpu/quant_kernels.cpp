@@ -1,17 +1,18 @@
 // Quantized GEMM kernels over the prepacked tiles of quant.h: int8 activations x int4 / int8 weights.
 //
-// One call of a tile kernel computes a 16-column slice of R <= 4 output rows: for each block of 32 features
+// One call of a tile kernel computes a 16-column slice of R <= 8 (AVX2: 4) output rows: for each block of 32 features
 // it forms the 16 integer dot products of the R activation rows with the tile's 16 weight rows (int32), then
 // scales them into float32 accumulators:
 //   int4: y[r, n] = sum_groups s[n, i] * sum_{b in i} d[r, b] * dot_b(a[r], q[n]) + m[n, i] * xsum[r, i]
 //   int8: y[r, n] = sum_b sw[n, b] * d[r, b] * dot_b(a[r], q[n])   (whole_row: sw[n] * d[r] * sum_b dot_b)
 // The weights of a tile-block are unpacked once and reused by the R rows (the blocked GEMM for large M);
-// at::parallel_for (OpenMP, torch's thread count) splits the tiles (output features) between threads.
+// at::parallel_for (OpenMP, torch's thread count) shares the tiles (output features) out between threads.
 // Scales and offsets S are float or at::Half (F16C converts 16 or 8 of them at once, exactly).
 #include <ATen/Parallel.h>
 #include <immintrin.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cstring>
 #include <type_traits>
 
@@ -29,6 +30,7 @@ namespace {
 constexpr int kAvx2Rows = 4, kVnniRows = 8;
 constexpr int64_t kRowChunk = 64;  // rows whose int8 activations stay in L2 while all tiles stream past
 constexpr int64_t kMinTask = int64_t{1} << 18;  // multiply-adds per thread task (smaller work stays on one thread)
+constexpr int64_t kMinItem = int64_t{1} << 21;  // multiply-adds per work item taken in turn (see run_tiles)
 
 inline int32_t load4(const int8_t* p) {
   int32_t v;
@@ -218,29 +220,47 @@ QuantActs offset(const QuantActs& x, int64_t row) {
   return y;
 }
 
-// The threads split the tiles (output features) once; each walks its tiles for every chunk of kRowChunk rows
-// (whose int8 activations stay in L2 while the tiles stream past). tile(t, x_rows, R, dst, ld) writes the R x 16
-// outputs to dst with row stride ld.
+// Tiles [t0, t1) (output features) for rows [m0, m1): tile(t, x_rows, R, dst, ld) writes the R x 16 outputs
+// of tile t to dst with row stride ld.
+template <int MaxR, class Tile>
+void tile_span(const QuantActs& x, int64_t m0, int64_t m1, int64_t t0, int64_t t1, int64_t n, float* out,
+               Tile& tile) {
+  alignas(64) float buf[MaxR * kTileRows];
+  for (int64_t t = t0; t < t1; ++t) {
+    const int64_t cols = std::min(kTileRows, n - t * kTileRows);
+    for (int64_t r0 = m0; r0 < m1; r0 += MaxR) {
+      const int rows = static_cast<int>(std::min<int64_t>(MaxR, m1 - r0));
+      float* dst = out + r0 * n + t * kTileRows;
+      if (cols == kTileRows) {  // a whole tile: straight into the output rows
+        with_rows<MaxR>(rows, [&](auto R) { tile(t, offset(x, r0), R, dst, n); });
+        continue;
+      }
+      with_rows<MaxR>(rows, [&](auto R) { tile(t, offset(x, r0), R, buf, kTileRows); });
+      for (int r = 0; r < rows; ++r) std::memcpy(dst + r * n, buf + r * kTileRows, cols * sizeof(float));
+    }
+  }
+}
+
+// Up to kRowChunk rows (a decode step, a short prompt): the threads split the tiles evenly, once. More rows:
+// the work is cut into items of kRowChunk rows (whose int8 activations stay in L2 while tiles stream past)
+// x a few tiles, which the threads take in turn, row chunk by row chunk, so that a thread the machine
+// slows down takes fewer (a static split would leave the other waiting at the end).
 template <int MaxR, class Tile>
 void run_tiles(const QuantActs& x, int64_t m, int64_t n, int64_t kb, float* out, Tile&& tile) {
-  const int64_t grain = std::max<int64_t>(1, kMinTask / (m * kTileRows * kb * kBlock));
-  at::parallel_for(0, tiles(n), grain, [&](int64_t t0, int64_t t1) {
-    alignas(64) float buf[MaxR * kTileRows];
-    for (int64_t m0 = 0; m0 < m; m0 += kRowChunk) {
-      const int64_t m1 = std::min(m, m0 + kRowChunk);
-      for (int64_t t = t0; t < t1; ++t) {
-        const int64_t cols = std::min(kTileRows, n - t * kTileRows);
-        for (int64_t r0 = m0; r0 < m1; r0 += MaxR) {
-          const int rows = static_cast<int>(std::min<int64_t>(MaxR, m1 - r0));
-          float* dst = out + r0 * n + t * kTileRows;
-          if (cols == kTileRows) {  // a whole tile: straight into the output rows
-            with_rows<MaxR>(rows, [&](auto R) { tile(t, offset(x, r0), R, dst, n); });
-            continue;
-          }
-          with_rows<MaxR>(rows, [&](auto R) { tile(t, offset(x, r0), R, buf, kTileRows); });
-          for (int r = 0; r < rows; ++r) std::memcpy(dst + r * n, buf + r * kTileRows, cols * sizeof(float));
-        }
-      }
+  const int64_t n_tiles = tiles(n), tile_work = kTileRows * kb * kBlock;  // multiply-adds per row per tile
+  if (m <= kRowChunk) {
+    at::parallel_for(0, n_tiles, std::max<int64_t>(1, kMinTask / (m * tile_work)), [&](int64_t t0, int64_t t1) {
+      tile_span<MaxR>(x, 0, m, t0, t1, n, out, tile);
+    });
+    return;
+  }
+  const int64_t per_item = std::clamp<int64_t>(kMinItem / (kRowChunk * tile_work), 1, n_tiles);
+  const int64_t row_items = (n_tiles + per_item - 1) / per_item, items = (m + kRowChunk - 1) / kRowChunk * row_items;
+  std::atomic<int64_t> next{0};
+  at::parallel_for(0, at::get_num_threads(), 1, [&](int64_t, int64_t) {
+    for (int64_t i = next++; i < items; i = next++) {
+      const int64_t m0 = i / row_items * kRowChunk, t0 = i % row_items * per_item;
+      tile_span<MaxR>(x, m0, std::min(m, m0 + kRowChunk), t0, std::min(n_tiles, t0 + per_item), n, out, tile);
     }
   });
 }
