@@ -10,6 +10,7 @@
 #include <torch/library.h>
 
 #include "cpu/attention.h"
+#include "cpu/parallel.h"
 
 namespace flashgen::cpu::attn {
 namespace {
@@ -164,15 +165,15 @@ std::tuple<at::Tensor, at::Tensor> flash_attn_kvcache(const at::Tensor& q_in, co
     // A task over a few key blocks is shorter than waking a second thread (short-context decode): give each
     // thread at least kMinKeysPerThread (key, kv head) pairs.
     const int64_t task_keys = std::max<int64_t>(1, (max_len + splits - 1) / splits) * kv_heads;
-    at::parallel_for(0, n_tasks, (kMinKeysPerThread + task_keys - 1) / task_keys, [&](int64_t begin, int64_t end) {
+    const int64_t tasks_per_thread = (kMinKeysPerThread + task_keys - 1) / task_keys;
+    in_turn((n_tasks + tasks_per_thread - 1) / tasks_per_thread, [&](auto take) {
       std::vector<float> qf(kv_heads * kBlockQ * ld), kt(int64_t(d) * kBlockK), vf(kBlockK * ld),
           s(kBlockQ * kBlockK);
       std::vector<int64_t> pos(kBlockQ);
-      for (int64_t t = begin; t < end; ++t) {
-        // Causal row groups cost more the later they come: zigzag them (0, last, 1, last - 1, ...) so that the
-        // threads' contiguous task ranges get equal work.
-        const int64_t split = t % splits, zig = t / splits % row_groups, b = t / splits / row_groups;
-        const int64_t rg = zig % 2 == 0 ? zig / 2 : row_groups - 1 - zig / 2;
+      for (int64_t t = take(); t < n_tasks; t = take()) {
+        // Causal row groups cost more the later they come: the threads take the costliest first, so the last
+        // tasks taken are short.
+        const int64_t split = t % splits, rg = row_groups - 1 - t / splits % row_groups, b = t / splits / row_groups;
         const int64_t r0 = rg * kBlockQ;
         const int rows = int(std::min<int64_t>(kBlockQ, rows_total - r0));
         for (int r = 0; r < rows; ++r) pos[r] = (r0 + r) / group + len[b] - sq;

@@ -12,11 +12,11 @@
 #include <immintrin.h>
 
 #include <algorithm>
-#include <atomic>
 #include <cstring>
 #include <type_traits>
 
 #include "cpu/cpu_features.h"
+#include "cpu/parallel.h"
 #include "cpu/quant.h"
 
 // GCC 12 reports the AVX-512 intrinsics' internal undefined vectors as maybe-uninitialized (a false positive).
@@ -243,8 +243,7 @@ void tile_span(const QuantActs& x, int64_t m0, int64_t m1, int64_t t0, int64_t t
 
 // Up to kRowChunk rows (a decode step, a short prompt): the threads split the tiles evenly, once. More rows:
 // the work is cut into items of kRowChunk rows (whose int8 activations stay in L2 while tiles stream past)
-// x a few tiles, which the threads take in turn, row chunk by row chunk, so that a thread the machine
-// slows down takes fewer (a static split would leave the other waiting at the end).
+// x a few tiles, which the threads take in turn (parallel.h), row chunk by row chunk.
 template <int MaxR, class Tile>
 void run_tiles(const QuantActs& x, int64_t m, int64_t n, int64_t kb, float* out, Tile&& tile) {
   const int64_t n_tiles = tiles(n), tile_work = kTileRows * kb * kBlock;  // multiply-adds per row per tile
@@ -256,9 +255,8 @@ void run_tiles(const QuantActs& x, int64_t m, int64_t n, int64_t kb, float* out,
   }
   const int64_t per_item = std::clamp<int64_t>(kMinItem / (kRowChunk * tile_work), 1, n_tiles);
   const int64_t row_items = (n_tiles + per_item - 1) / per_item, items = (m + kRowChunk - 1) / kRowChunk * row_items;
-  std::atomic<int64_t> next{0};
-  at::parallel_for(0, at::get_num_threads(), 1, [&](int64_t, int64_t) {
-    for (int64_t i = next++; i < items; i = next++) {
+  in_turn(items, [&](auto take) {
+    for (int64_t i = take(); i < items; i = take()) {
       const int64_t m0 = i / row_items * kRowChunk, t0 = i % row_items * per_item;
       tile_span<MaxR>(x, m0, std::min(m, m0 + kRowChunk), t0, std::min(n_tiles, t0 + per_item), n, out, tile);
     }
