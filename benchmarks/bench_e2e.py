@@ -9,7 +9,10 @@
 - prefill (pp) of 512 tokens, flashgen vs transformers.
 
 Targets (issue 6): decode >= 35% of the ceiling and >= 10x transformers float32; prefill >= 1.5x
-transformers bfloat16.
+transformers bfloat16. The engines run in turn within each repetition; the table gives mean ± std over the
+repetitions, and the ratios compare each engine's fastest repetition (best), as the bandwidth is the best of
+its runs: on a shared machine, noise only ever slows a run down, and it reaches one engine's run but not
+another's at random, so the best runs are the steadiest measure of each engine.
 
     python benchmarks/bench_e2e.py --threads 2 [-p 512] [-n 64] [-r 3] [--json results.json]
     pytest benchmarks/bench_e2e.py --benchmark-only      # the same, asserting the targets
@@ -90,7 +93,7 @@ def ops_per_decode_step(model):
 
 def _stats(values):
     return {"mean": statistics.fmean(values), "std": statistics.stdev(values) if len(values) > 1 else 0.0,
-            "samples": values}
+            "best": max(values), "samples": values}
 
 
 def load_hf(path, dtype):
@@ -157,28 +160,31 @@ def run(threads=2, n_prompt=512, n_gen=64, repetitions=3, model_path=None):
     fg["ops_per_decode_step"] = ops_per_decode_step(llm.model)
     ceiling = results["read_bandwidth_gbs"] * 1e9 / fg["weight_bytes_per_token"]
     results["ceiling_tokens_per_s"] = ceiling
+    r32, r16 = results["hf_float32"], results["hf_bfloat16"]
     results["ratios"] = {
-        "decode_fraction_of_ceiling": fg["tg"]["mean"] / ceiling,
-        "decode_vs_hf_float32": fg["tg"]["mean"] / results["hf_float32"]["tg"]["mean"],
-        "decode_vs_hf_bfloat16": fg["tg"]["mean"] / results["hf_bfloat16"]["tg"]["mean"],
-        "prefill_vs_hf_bfloat16": fg["pp"]["mean"] / results["hf_bfloat16"]["pp"]["mean"],
-        "prefill_vs_hf_float32": fg["pp"]["mean"] / results["hf_float32"]["pp"]["mean"],
+        "decode_fraction_of_ceiling": fg["tg"]["best"] / ceiling,
+        "decode_vs_hf_float32": fg["tg"]["best"] / r32["tg"]["best"],
+        "decode_vs_hf_bfloat16": fg["tg"]["best"] / r16["tg"]["best"],
+        "prefill_vs_hf_bfloat16": fg["pp"]["best"] / r16["pp"]["best"],
+        "prefill_vs_hf_float32": fg["pp"]["best"] / r32["pp"]["best"],
     }
     return results
 
 
 def report(r):
     def ts(s):
-        return f"{s['mean']:8.1f} ± {s['std']:5.1f}"
+        return f"{s['mean']:7.1f} ± {s['std']:5.1f} ({s['best']:6.1f})"
 
     lines = [f"{r['model']}, {r['threads']} threads; read bandwidth {r['read_bandwidth_gbs']:.1f} GB/s; "
              f"weights read per token {r['flashgen']['weight_bytes_per_token'] / 2**20:.1f} MiB; "
              f"ceiling {r['ceiling_tokens_per_s']:.0f} tok/s; {r['flashgen']['ops_per_decode_step']} op calls per "
              f"decode step",
-             f"{'engine':26s} {'pp' + str(r['n_prompt']):>16s} {'tg' + str(r['n_gen']):>16s}   (tokens/s)"]
+             f"{'engine':26s} {'pp' + str(r['n_prompt']):>25s} {'tg' + str(r['n_gen']):>25s}   "
+             f"(tokens/s: mean ± std (best))"]
     for key, label in (("flashgen", "flashgen (Q4_1 / Q8_0)"), ("hf_float32", "transformers float32"),
                        ("hf_bfloat16", "transformers bfloat16")):
         lines.append(f"{label:26s} {ts(r[key]['pp'])} {ts(r[key]['tg'])}")
+    lines.append("ratios of the best repetitions:")
     for name, value in r["ratios"].items():
         target = TARGETS.get(name)
         verdict = "" if target is None else f"  (target >= {target}: {'ok' if value >= target else 'MISSED'})"
