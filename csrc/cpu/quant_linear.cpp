@@ -38,7 +38,7 @@ namespace {
 // a = round(x * 127 / max|x|) (ties to even), d = max|x| / 127 over len values; returns sum(a). AVX2 (the
 // build baseline) for whole vectors of 8 and AVX-512 with masked tails: the same float operations as the
 // scalar tail, so the codes do not depend on the path. A NaN is ignored by the max, as std::max(amax, NaN) is.
-int32_t quantize_span(const float* x, int64_t len, int8_t* a, float* d) {
+inline int32_t quantize_span(const float* x, int64_t len, int8_t* a, float* d) {
   const __m256 sign = _mm256_set1_ps(-0.f);
   __m256 vmax = _mm256_setzero_ps();
   int64_t i = 0;
@@ -67,7 +67,7 @@ int32_t quantize_span(const float* x, int64_t len, int8_t* a, float* d) {
   return sum;
 }
 
-FLASHGEN_AVX512 int32_t quantize_span512(const float* x, int64_t len, int8_t* a, float* d) {
+FLASHGEN_AVX512 inline int32_t quantize_span512(const float* x, int64_t len, int8_t* a, float* d) {
   auto mask = [&](int64_t i) { return len - i >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << (len - i)) - 1); };
   __m512 vmax = _mm512_setzero_ps();
   for (int64_t i = 0; i < len; i += 16) vmax = _mm512_max_ps(_mm512_abs_ps(_mm512_maskz_loadu_ps(mask(i), x + i)), vmax);
@@ -83,12 +83,26 @@ FLASHGEN_AVX512 int32_t quantize_span512(const float* x, int64_t len, int8_t* a,
   return _mm512_reduce_add_epi32(vsum);
 }
 
+// quantize_span over each block of 32 features of a row of k (the last block may be shorter): codes a, scales
+// d and code sums per block.
+void quantize_blocks(const float* x, int64_t k, int8_t* a, float* d, int32_t* sums) {
+  for (int64_t b = 0; b < blocks(k); ++b)
+    sums[b] = quantize_span(x + b * kBlock, std::min(kBlock, k - b * kBlock), a + b * kBlock, d + b);
+}
+
+FLASHGEN_AVX512 void quantize_blocks512(const float* x, int64_t k, int8_t* a, float* d, int32_t* sums) {
+  for (int64_t b = 0; b < blocks(k); ++b)
+    sums[b] = quantize_span512(x + b * kBlock, std::min(kBlock, k - b * kBlock), a + b * kBlock, d + b);
+}
+
 }  // namespace
 
 QuantActs quantize_acts_into(const float* x, int64_t m, int64_t k, int64_t d_cols, bool per_row, int64_t group,
                              int8_t* a, float* d, float* xsum) {
   const int64_t kb = blocks(k), groups = group > 0 ? k / group : 0;
-  const auto quantize = use_vnni() ? quantize_span512 : quantize_span;
+  const bool wide = use_vnni();
+  const auto quantize = wide ? quantize_span512 : quantize_span;
+  const auto quantize_row = wide ? quantize_blocks512 : quantize_blocks;
   at::parallel_for(0, m, std::max<int64_t>(1, (int64_t{1} << 16) / k), [&](int64_t r0, int64_t r1) {
     std::vector<int32_t> sums(kb);
     for (int64_t r = r0; r < r1; ++r) {
@@ -100,8 +114,7 @@ QuantActs quantize_acts_into(const float* x, int64_t m, int64_t k, int64_t d_col
         quantize(xr, k, ar, dr);
         std::fill(dr + 1, dr + d_cols, dr[0]);
       } else {
-        for (int64_t b = 0; b < kb; ++b)
-          sums[b] = quantize(xr + b * kBlock, std::min(kBlock, k - b * kBlock), ar + b * kBlock, dr + b);
+        quantize_row(xr, k, ar, dr, sums.data());
       }
       // sum of the quantized activations over each weight group (see the file comment)
       for (int64_t i = 0; i < groups; ++i) {
