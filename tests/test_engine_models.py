@@ -77,6 +77,22 @@ def test_greedy_tokens_and_cache_match(pair):
 
 
 @torch.inference_mode()
+def test_cache_memory_is_head_major(pair):
+    """The cache memory is (layers, batch, kv_heads, max_seq_len, head_dim), so that one sequence's keys of one kv
+    head lie contiguous; the forward writes them through the op's (batch, seq, kv_heads, head_dim) views."""
+    model = pair[0].model
+    cache, c = model.cache, model.config
+    cache.k_heads.zero_(), cache.v_heads.zero_()  # earlier tests left rows behind
+    model.prefill(*right_padded(LENGTHS))
+    k, v = cache.layer(1)
+    assert k.shape == v.shape == (cache.max_batch_size, cache.max_seq_len, c.num_kv_heads, c.head_dim)
+    n = LENGTHS[0]
+    for mem in (cache.k_heads[1, 0, -1], cache.v_heads[1, 0, -1]):
+        assert mem.is_contiguous()
+        assert (mem[:n].abs().sum(-1) > 0).all() and not mem[n:].any()  # written: the prompt's n rows only
+
+
+@torch.inference_mode()
 def test_append_prefill_continues_the_cache(pair):
     """A chat's next turn: prefill(append=True) of the new tokens after a cached prefix (uneven per row) gives
     the logits of a prefill of the whole sequences, and the same cache contents for the steps after it."""

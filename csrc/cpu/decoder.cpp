@@ -123,7 +123,8 @@ struct CpuDecoder : torch::CustomClassHolder {
 
   // dims: hidden, heads, kv_heads, head_dim, rotary_dim (0: learned positions), intermediate, vocab,
   // window_left (-1: none), gated (0 / 1), activation (0 silu, 1 gelu, 2 gelu tanh); floats: eps, softmax scale.
-  // k_cache, v_cache (layers, max_batch, max_seq_len, kv_heads, head_dim) float32, seqlens int32 (max_batch,).
+  // k_cache, v_cache (layers, max_batch, max_seq_len, kv_heads, head_dim) float32 (strided views, as the
+  // engine's head-major cache), seqlens int32 (max_batch,).
   CpuDecoder(c10::Dict<std::string, int64_t> dims, c10::Dict<std::string, double> floats, at::Tensor tok_emb,
              at::Tensor pos_emb, at::Tensor inv_freq, at::Tensor k_cache, at::Tensor v_cache, at::Tensor seqlens)
       : tok_emb(std::move(tok_emb)), pos_emb(std::move(pos_emb)), inv_freq(std::move(inv_freq)),
@@ -149,8 +150,12 @@ struct CpuDecoder : torch::CustomClassHolder {
     const auto& kc = this->k_cache;
     TORCH_CHECK(kc.dim() == 5 && kc.size(3) == kv_heads && kc.size(4) == head_dim, kOp,
                 ": k_cache must be (layers, max_batch, max_seq_len, kv_heads, head_dim), got ", kc.sizes());
-    check_f32(kc, "k_cache", kc.sizes());
-    check_f32(this->v_cache, "v_cache", kc.sizes());
+    for (const at::Tensor* c : {&this->k_cache, &this->v_cache})
+      TORCH_CHECK(c->device().is_cpu() && c->scalar_type() == at::kFloat && c->sizes().equals(kc.sizes()) &&
+                      c->stride(4) == 1,
+                  kOp, ": k_cache and v_cache must be float32 CPU tensors of one shape, contiguous in head_dim ",
+                  "(any other strides), got ", c->scalar_type(), " ", c->sizes(), " strides ", c->strides(), " on ",
+                  c->device());
     TORCH_CHECK(this->seqlens.scalar_type() == at::kInt && this->seqlens.dim() == 1 &&
                     this->seqlens.size(0) == kc.size(1) && this->seqlens.is_contiguous(),
                 kOp, ": seqlens must be a contiguous int32 (max_batch,) tensor");
