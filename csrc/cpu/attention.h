@@ -68,6 +68,13 @@ struct Rows {
     return table ? base + int64_t(table[t / block_size]) * block_stride + (t % block_size) * tok_stride
                  : base + t * tok_stride;
   }
+  // Rows t0 .. t0 + n - 1 lie at one stride from row(t0), i.e. no page boundary among them breaks it.
+  bool evenly_strided(int64_t t0, int64_t n) const {
+    if (!table) return true;
+    for (int64_t t = (t0 / block_size + 1) * block_size; t < t0 + n; t += block_size)
+      if (row(t) != row(t0) + (t - t0) * tok_stride) return false;
+    return true;
+  }
 };
 
 // n rows t0.. of src into dst (n x ld), each multiplied by mul and zero-padded from d to ld.
@@ -82,15 +89,15 @@ void load_rows(const Rows<T>& src, int64_t t0, int n, int d, int ld, float* dst,
 }
 
 // n rows t0.. of src transposed into dst (d x kBlockK): dst[c * kBlockK + r] = src[t0 + r][c]. float rows
-// that lie evenly strided in memory (not split across two pages) go 16 x 16 through SIMD transposes.
+// that lie evenly strided in memory (Rows::evenly_strided) go 16 x 16 through SIMD transposes.
 template <typename T>
 void load_cols(const Rows<T>& src, int64_t t0, int n, int d, float* dst) {
   int r0 = 0;
   if constexpr (std::is_same_v<T, float>) {
     const Simd& isa = simd();
     for (; r0 + 16 <= n; r0 += 16) {
+      if (!src.evenly_strided(t0 + r0, 16)) break;
       const float* first = src.row(t0 + r0);
-      if (src.row(t0 + r0 + 15) != first + 15 * src.tok_stride) break;
       int c = 0;
       for (; c + 16 <= d; c += 16) isa.transpose16(first + c, src.tok_stride, dst + c * kBlockK + r0, kBlockK);
       for (; c < d; ++c)

@@ -7,6 +7,8 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include <type_traits>
+
 #include "cpu/attention.h"
 
 namespace flashgen::cpu::attn {
@@ -33,8 +35,15 @@ void attend(const Simd& isa, const Options& opt, int rows, const float* qf, int 
       if (alpha != 1.f)
         for (float *x = o + int64_t(r) * ldq, *e = x + ldq; x < e; ++x) *x *= alpha;
     }
-    load_rows(v, k0, nk, d, ldq, vf);
-    isa.gemm(rows, ldq, nk, s, kBlockK, 1, vf, ldq, o, ldq, true);
+    // float rows of exactly ldq values, evenly strided (no page boundary breaks the stride): read in place
+    const float* vb = vf;
+    int64_t ldv = ldq;
+    if constexpr (std::is_same_v<T, float>) {
+      if (d == ldq && v.evenly_strided(k0, nk))
+        vb = v.row(k0), ldv = v.tok_stride;
+    }
+    if (vb == vf) load_rows(v, k0, nk, d, ldq, vf);
+    isa.gemm(rows, ldq, nk, s, kBlockK, 1, vb, ldv, o, ldq, true);
   }
 }
 
