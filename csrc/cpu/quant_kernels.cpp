@@ -7,8 +7,8 @@
 //   int4: y[r, n] = sum_groups s[n, i] * sum_{b in i} d[r, b] * dot_b(a[r], q[n]) + m[n, i] * xsum[r, i]
 //   int8: y[r, n] = sum_b sw[n, b] * d[r, b] * dot_b(a[r], q[n])   (whole_row: sw[n] * d[r] * sum_b dot_b)
 // The weights of a tile-block are unpacked once and reused by the R rows (the blocked GEMM for large M), and
-// each broadcast activation by the tiles of the call;
-// at::parallel_for (OpenMP, torch's thread count) shares the tiles (output features) out between threads.
+// each broadcast activation by the tiles of the call. OpenMP threads (torch's thread count) share the tiles
+// (output features) out, see run_tiles.
 // Scales and offsets S are float or at::Half (F16C converts 16 or 8 of them at once, exactly).
 #include <ATen/Parallel.h>
 #include <immintrin.h>
@@ -308,19 +308,17 @@ void int4_gemm(const QuantActs& x, int64_t m, const uint8_t* w, const S* scales,
     });
     return;
   }
-  auto run = [&](auto rows, auto tiles_per_step, auto one_block) {
-    run_tiles<rows(), tiles_per_step()>(x, m, n, kb, out, [&](int64_t t, auto NT, const QuantActs& xr, auto R,
-                                                              float* dst, int64_t ldo) {
+  auto run = [&](auto one_block) {
+    run_tiles<kInt4VnniRows, kVnniTiles>(x, m, n, kb, out, [&](int64_t t, auto NT, const QuantActs& xr, auto R,
+                                                               float* dst, int64_t ldo) {
       int4_tile_vnni<R(), NT(), one_block()>(xr, w + t * w_stride, w_stride, scales + t * s_stride,
                                              offsets + t * s_stride, s_stride, kb, bpg, dst, ldo);
     });
   };
-  const std::integral_constant<int, kInt4VnniRows> rows;
-  const std::integral_constant<int, kVnniTiles> tiles_per_step;
   if (bpg == 1)
-    run(rows, tiles_per_step, std::true_type{});
+    run(std::true_type{});
   else
-    run(rows, tiles_per_step, std::false_type{});
+    run(std::false_type{});
 }
 
 template <class S>
