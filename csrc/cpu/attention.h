@@ -7,6 +7,7 @@
 #pragma once
 
 #include <ATen/ATen.h>
+#include <immintrin.h>
 
 #include <algorithm>
 #include <cmath>
@@ -77,32 +78,57 @@ struct Rows {
   }
 };
 
+// 8 values at p as float32 (AVX2 + F16C, the build baseline): bfloat16 is the high half of a float32, float16
+// converts exactly.
+inline __m256 load8_float(const float* p) { return _mm256_loadu_ps(p); }
+inline __m256 load8_float(const at::BFloat16* p) {
+  const __m256i bits = _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+  return _mm256_castsi256_ps(_mm256_slli_epi32(bits, 16));
+}
+inline __m256 load8_float(const at::Half* p) {
+  return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+}
+
+// d values of s as float32 times mul into o, 8 at a time.
+template <typename T>
+void convert_row(const T* s, int d, float mul, float* o) {
+  int c = 0;
+  for (; c + 8 <= d; c += 8) _mm256_storeu_ps(o + c, _mm256_mul_ps(load8_float(s + c), _mm256_set1_ps(mul)));
+  for (; c < d; ++c) o[c] = float(s[c]) * mul;
+}
+
 // n rows t0.. of src into dst (n x ld), each multiplied by mul and zero-padded from d to ld.
 template <typename T>
 void load_rows(const Rows<T>& src, int64_t t0, int n, int d, int ld, float* dst, float mul = 1.f) {
   for (int r = 0; r < n; ++r) {
-    const T* s = src.row(t0 + r);
     float* o = dst + int64_t(r) * ld;
-    for (int c = 0; c < d; ++c) o[c] = float(s[c]) * mul;
+    convert_row(src.row(t0 + r), d, mul, o);
     std::fill(o + d, o + ld, 0.f);
   }
 }
 
-// n rows t0.. of src transposed into dst (d x kBlockK): dst[c * kBlockK + r] = src[t0 + r][c]. float rows
-// that lie evenly strided in memory (Rows::evenly_strided) go 16 x 16 through SIMD transposes.
+// n rows t0.. of src transposed into dst (d x kBlockK): dst[c * kBlockK + r] = src[t0 + r][c]. Rows that lie
+// evenly strided in memory (Rows::evenly_strided) go 16 x 16 through SIMD transposes (16-bit rows converted
+// to float32 first).
 template <typename T>
 void load_cols(const Rows<T>& src, int64_t t0, int n, int d, float* dst) {
   int r0 = 0;
-  if constexpr (std::is_same_v<T, float>) {
-    const Simd& isa = simd();
-    for (; r0 + 16 <= n; r0 += 16) {
-      if (!src.evenly_strided(t0 + r0, 16)) break;
-      const float* first = src.row(t0 + r0);
-      int c = 0;
-      for (; c + 16 <= d; c += 16) isa.transpose16(first + c, src.tok_stride, dst + c * kBlockK + r0, kBlockK);
-      for (; c < d; ++c)
-        for (int r = 0; r < 16; ++r) dst[int64_t(c) * kBlockK + r0 + r] = first[r * src.tok_stride + c];
+  const Simd& isa = simd();
+  alignas(64) float block[16 * 16];
+  for (; r0 + 16 <= n; r0 += 16) {
+    if (!src.evenly_strided(t0 + r0, 16)) break;
+    const T* first = src.row(t0 + r0);
+    int c = 0;
+    for (; c + 16 <= d; c += 16) {
+      if constexpr (std::is_same_v<T, float>) {
+        isa.transpose16(first + c, src.tok_stride, dst + c * kBlockK + r0, kBlockK);
+      } else {
+        for (int r = 0; r < 16; ++r) convert_row(first + r * src.tok_stride + c, 16, 1.f, block + 16 * r);
+        isa.transpose16(block, 16, dst + c * kBlockK + r0, kBlockK);
+      }
     }
+    for (; c < d; ++c)
+      for (int r = 0; r < 16; ++r) dst[int64_t(c) * kBlockK + r0 + r] = float(first[r * src.tok_stride + c]);
   }
   for (int r = r0; r < n; ++r) {
     const T* s = src.row(t0 + r);
