@@ -47,6 +47,8 @@ def _add_model_options(p):
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], help="activation dtype")
     p.add_argument("--quant", choices=["int8", "int4"], help="quantize float weights on load")
     p.add_argument("--max-seq-len", type=_positive_int, help="KV cache length (default: the loader's)")
+    p.add_argument("--kv-cache-dtype", choices=["float32", "bfloat16", "float16"],
+                   help="KV cache dtype (default: --dtype's); 16-bit halves the cache")
     p.add_argument("--threads", "-t", type=_positive_int, help="CPU threads (default: torch's)")
     p.add_argument("--verbose", "-v", action="store_true", help="log progress; show tracebacks")
 
@@ -109,7 +111,7 @@ def _load(args, max_seq_len=None):
     from .llm import LLM
 
     return LLM(args.model, device=args.device, dtype=args.dtype, quant=args.quant,
-               max_seq_len=max_seq_len or args.max_seq_len)
+               max_seq_len=max_seq_len or args.max_seq_len, kv_cache_dtype=args.kv_cache_dtype)
 
 
 def _stats_line(stats):

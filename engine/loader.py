@@ -35,13 +35,15 @@ class LoadedModel:
     generation_config: dict = field(default_factory=dict)
 
 
-def load_model(path, device="cpu", dtype=None, quant=None, group_size=32, max_seq_len=None, max_batch_size=1):
+def load_model(path, device="cpu", dtype=None, quant=None, group_size=32, max_seq_len=None, max_batch_size=1,
+               kv_cache_dtype=None):
     """Load a Hugging Face folder or a .gguf file into a Transformer with a KV cache.
 
     dtype: activation / float-weight dtype (default float32 on CPU, bfloat16 on CUDA).
     quant: None keeps the checkpoint's format (GGUF Q4_0/Q4_1/Q8_0 native, float stays float); "none"
         dequantizes everything to float; "int8" / "int4" quantize the float linears (group_size for int4).
     max_seq_len: KV cache length (default min(context length, 4096)).
+    kv_cache_dtype: of the KV cache (default: dtype); bfloat16 or float16 under float32 halve its memory.
     """
     if quant not in QUANT_MODES:
         raise ValueError(f"quant must be one of {QUANT_MODES}, got {quant!r}")
@@ -56,7 +58,7 @@ def load_model(path, device="cpu", dtype=None, quant=None, group_size=32, max_se
         raise FileNotFoundError(f"{path}: no such file or directory (expected a Hugging Face folder or a .gguf file)")
     model = _build(config, tensors, device, dtype, quant, group_size)
     max_seq_len = max_seq_len or min(config.max_position_embeddings, 4096)
-    model.setup_cache(max_batch_size, max_seq_len)
+    model.setup_cache(max_batch_size, max_seq_len, kv_cache_dtype)
     tokenizer.eos_token_ids |= set(config.eos_token_ids)
     return LoadedModel(model, config, tokenizer, gen)
 

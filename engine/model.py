@@ -113,8 +113,10 @@ class Attention(nn.Module):
         if cache is None:
             o = flash_attn_func(q, k, v, causal=True, window_size=self.window)
         else:
-            o = flash_attn_with_kvcache(q, cache[0], cache[1], k, v, cache_seqlens=cache_seqlens, causal=True,
-                                        window_size=self.window)
+            # A cache narrower than the model (kv_cache_dtype) takes q, k, v in its own dtype, as the op needs.
+            dt = cache[0].dtype
+            o = flash_attn_with_kvcache(q.to(dt), cache[0], cache[1], k.to(dt), v.to(dt), cache_seqlens=cache_seqlens,
+                                        causal=True, window_size=self.window).to(x.dtype)
         return self.wo(o.reshape(b, t, c.q_size))
 
 
@@ -175,14 +177,19 @@ class Transformer(nn.Module):
         self._cpp_step = None
 
     # ------------------------------------------------------------ cache
-    def setup_cache(self, max_batch_size, max_seq_len):
-        """Preallocate the KV cache for `max_batch_size` sequences of up to `max_seq_len` tokens."""
+    def setup_cache(self, max_batch_size, max_seq_len, dtype=None):
+        """Preallocate the KV cache for `max_batch_size` sequences of up to `max_seq_len` tokens. dtype: of the
+        cache (default: the previous cache's, else the model's); a 16-bit cache under a float32 model halves its
+        memory, and attention then runs on q, k, v rounded to it."""
         c = self.config
         if c.learned_positions and max_seq_len > c.max_position_embeddings:
             raise ValueError(f"max_seq_len {max_seq_len} exceeds the model's {c.max_position_embeddings} "
                              f"learned positions")
         weight = self.tok_embeddings.weight
-        self.cache = KVCache(c.num_layers, max_batch_size, max_seq_len, c.num_kv_heads, c.head_dim, weight.dtype,
+        dtype = dtype or (self.cache.k.dtype if self.cache is not None else weight.dtype)
+        if dtype not in (torch.float32, torch.bfloat16, torch.float16):
+            raise ValueError(f"the KV cache dtype must be float32, bfloat16 or float16, got {dtype}")
+        self.cache = KVCache(c.num_layers, max_batch_size, max_seq_len, c.num_kv_heads, c.head_dim, dtype,
                              weight.device)
         self.batch_size = 0
         self._cpp_step = None

@@ -48,7 +48,7 @@ def test_generate_with_sampling_options_is_reproducible(capsys, model):
     argv = ["generate", "--model", model, "--prompt", "The quick", "-n", "10", "--seed", "7", "--temperature", "1.1",
             "--top-k", "0", "--top-p", "0.9", "--min-p", "0.01", "--repetition-penalty", "1.2",
             "--presence-penalty", "0.1", "--frequency-penalty", "0.2", "--stop", "zzz", "--quant", "int8",
-            "--dtype", "float32", "--device", "cpu", "--threads", "1"]
+            "--dtype", "float32", "--kv-cache-dtype", "bfloat16", "--device", "cpu", "--threads", "1"]
     first = run(capsys, argv)
     assert first[0] == 0 and run(capsys, argv)[1] == first[1]
 

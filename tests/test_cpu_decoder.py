@@ -18,8 +18,9 @@ from tiny_models import ARCHITECTURES, tiny_models  # noqa: F401
 QUANTS = [None, "int4", "int8"]
 
 
-def _load(tiny_models, arch, quant, batch=1):
-    return load_model(tiny_models[arch], quant=quant, max_seq_len=48, max_batch_size=batch).model
+def _load(tiny_models, arch, quant, batch=1, kv_cache_dtype=None):
+    return load_model(tiny_models[arch], quant=quant, max_seq_len=48, max_batch_size=batch,
+                      kv_cache_dtype=kv_cache_dtype).model
 
 
 def _decode_run(model, prompts, lengths, steps, cpp):
@@ -51,6 +52,20 @@ def test_step_matches_python_layers(tiny_models, arch, quant):
     torch.testing.assert_close(ours, ref, atol=tol * ref.abs().max().item(), rtol=0)
     if quant is None:
         assert torch.equal(ours.argmax(-1), ref.argmax(-1))
+
+
+@pytest.mark.parametrize("kv_dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("arch", ["llama", "qwen3"])
+def test_step_with_a_16_bit_cache_matches_python_layers(tiny_models, arch, kv_dtype):
+    """A float32 model over a 16-bit KV cache: both paths round q, k, v to the cache's dtype before attention, so
+    a last-bit difference upstream can move one rounding (a relative 2^-9 or 2^-12 of that value)."""
+    model = _load(tiny_models, arch, None, batch=2, kv_cache_dtype=kv_dtype)
+    assert model.cache.k.dtype == kv_dtype
+    vocab = model.config.vocab_size
+    prompts, lengths, steps = torch.randint(0, vocab, (2, 11)), torch.tensor([11, 4]), torch.randint(0, vocab, (9, 2))
+    ours, _ = _decode_run(model, prompts, lengths, steps, cpp=True)
+    ref, _ = _decode_run(model, prompts, lengths, steps, cpp=False)
+    torch.testing.assert_close(ours, ref, atol=2e-3 * ref.abs().max().item(), rtol=0)
 
 
 def test_avx2_path_in_a_subprocess():

@@ -243,6 +243,27 @@ def test_greedy_equals_transformers(tiny_models, arch):  # noqa: F811
         assert len(got) == 16 or (out.finish_reason == "eos" and got[-1] in llm.eos_token_ids)
 
 
+@torch.inference_mode()
+def test_16_bit_kv_cache_stays_close_to_float32(tiny_models):  # noqa: F811
+    """kv_cache_dtype halves the cache of a float32 model; the logits move by the 16-bit rounding of q, k, v only,
+    and a new batch's cache keeps the dtype."""
+    path = tiny_models["llama"]
+    ref = LLM(path, device="cpu", max_seq_len=64)
+    ids = torch.tensor([ref.tokenizer.encode("The quick brown fox jumps over the lazy dog.")])
+    want = ref.model.prefill(ids, torch.tensor([ids.shape[1]]))
+    for kv_dtype in ("bfloat16", "float16"):
+        llm = LLM(path, device="cpu", max_seq_len=64, kv_cache_dtype=kv_dtype)
+        assert llm.model.cache.k.dtype == getattr(torch, kv_dtype)
+        assert llm.model.cache.k_heads.nbytes * 2 == ref.model.cache.k_heads.nbytes
+        got = llm.model.prefill(ids, torch.tensor([ids.shape[1]]))
+        err = ((got - want).abs().max() / want.abs().max()).item()
+        assert 0 < err < 2e-2, (kv_dtype, err)  # rounded, yet close
+        llm.generate(["Hi", "there"], max_new_tokens=2, temperature=0)  # a batch of 2: a new cache
+        assert llm.model.cache.k.dtype == getattr(torch, kv_dtype) and llm.model.cache.max_batch_size == 2
+    with pytest.raises(ValueError, match="KV cache dtype"):
+        ref.model.setup_cache(1, 16, torch.int8)
+
+
 def test_real_batch_of_different_lengths_equals_one_by_one(tiny_llm):
     prompts = ["Hi", "The quick brown fox jumps over the lazy dog.", "東京 😀 café", "def main():\n    print("]
     batch = tiny_llm.generate(prompts, max_new_tokens=12, temperature=0)

@@ -123,8 +123,9 @@ struct CpuDecoder : torch::CustomClassHolder {
 
   // dims: hidden, heads, kv_heads, head_dim, rotary_dim (0: learned positions), intermediate, vocab,
   // window_left (-1: none), gated (0 / 1), activation (0 silu, 1 gelu, 2 gelu tanh); floats: eps, softmax scale.
-  // k_cache, v_cache (layers, max_batch, max_seq_len, kv_heads, head_dim) float32 (strided views, as the
-  // engine's head-major cache), seqlens int32 (max_batch,).
+  // k_cache, v_cache (layers, max_batch, max_seq_len, kv_heads, head_dim) float32, bfloat16 or float16 (strided
+  // views, as the engine's head-major cache; a 16-bit cache takes q, k, v rounded to it), seqlens int32
+  // (max_batch,).
   CpuDecoder(c10::Dict<std::string, int64_t> dims, c10::Dict<std::string, double> floats, at::Tensor tok_emb,
              at::Tensor pos_emb, at::Tensor inv_freq, at::Tensor k_cache, at::Tensor v_cache, at::Tensor seqlens)
       : tok_emb(std::move(tok_emb)), pos_emb(std::move(pos_emb)), inv_freq(std::move(inv_freq)),
@@ -151,11 +152,13 @@ struct CpuDecoder : torch::CustomClassHolder {
     TORCH_CHECK(kc.dim() == 5 && kc.size(3) == kv_heads && kc.size(4) == head_dim, kOp,
                 ": k_cache must be (layers, max_batch, max_seq_len, kv_heads, head_dim), got ", kc.sizes());
     for (const at::Tensor* c : {&this->k_cache, &this->v_cache})
-      TORCH_CHECK(c->device().is_cpu() && c->scalar_type() == at::kFloat && c->sizes().equals(kc.sizes()) &&
-                      c->stride(4) == 1,
-                  kOp, ": k_cache and v_cache must be float32 CPU tensors of one shape, contiguous in head_dim ",
-                  "(any other strides), got ", c->scalar_type(), " ", c->sizes(), " strides ", c->strides(), " on ",
-                  c->device());
+      TORCH_CHECK(c->device().is_cpu() && c->scalar_type() == kc.scalar_type() && c->sizes().equals(kc.sizes()) &&
+                      c->stride(4) == 1 &&
+                      (c->scalar_type() == at::kFloat || c->scalar_type() == at::kBFloat16 ||
+                       c->scalar_type() == at::kHalf),
+                  kOp, ": k_cache and v_cache must be float32, bfloat16 or float16 CPU tensors of one shape and ",
+                  "dtype, contiguous in head_dim (any other strides), got ", c->scalar_type(), " ", c->sizes(),
+                  " strides ", c->strides(), " on ", c->device());
     TORCH_CHECK(this->seqlens.scalar_type() == at::kInt && this->seqlens.dim() == 1 &&
                     this->seqlens.size(0) == kc.size(1) && this->seqlens.is_contiguous(),
                 kOp, ": seqlens must be a contiguous int32 (max_batch,) tensor");
@@ -236,11 +239,13 @@ struct CpuDecoder : torch::CustomClassHolder {
       if (rotary_dim) rotate(rows, qkv_w);
       float* base = qkv.data();
       auto view = [&](float* p, int64_t n_heads) {
-        return at::from_blob(p, {b, t, n_heads, head_dim}, {t * qkv_w, qkv_w, head_dim, 1});
+        return at::from_blob(p, {b, t, n_heads, head_dim}, {t * qkv_w, qkv_w, head_dim, 1})
+            .to(layer.k_cache.scalar_type());
       };
       const at::Tensor o = std::get<0>(attn::flash_attn_kvcache(
           view(base, heads), layer.k_cache, layer.v_cache, view(base + q_size, kv_heads),
-          view(base + q_size + kv_size, kv_heads), lens, std::nullopt, scale, true, window_left, 0, 0.0, 0));
+          view(base + q_size + kv_size, kv_heads), lens, std::nullopt, scale, true, window_left, 0, 0.0, 0))
+                               .to(at::kFloat);
       layer.o->run(o.data_ptr<float>(), rows, h.data(), acts);
       norm_rows(layer.mlp_norm, rows);
       layer.w_in->run(x.data(), rows, mlp.data(), acts);
