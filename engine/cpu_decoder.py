@@ -9,7 +9,7 @@ once too (its activation and rope fused, no Python per layer).
 `build(model)` returns step(tokens (B, T) int64, lengths (B,) int64 or None) -> logits float32 (B, V) of each
 sequence's token lengths[b] - 1, which appends the T tokens at the cache lengths and advances those by
 `lengths` (see CpuDecoder::step), or None when the model is outside what the C++ step computes: not float32
-on the CPU, or a linear that is neither a float32 nn.Linear nor a CPU QuantizedLinear. Transformer.prefill
+on the CPU, or a linear that is neither a float32 nn.Linear nor a CPU QuantizedLinear (or a stack of them). Transformer.prefill
 and decode fall back to their Python layers then.
 """
 import math
@@ -17,21 +17,31 @@ import math
 import torch
 from torch import nn
 
-from flashgen.kernels.qlinear import QuantizedLinear
+from flashgen.kernels.qlinear import QuantizedLinear, StackedLinear
 
 _ACTIVATIONS = {"silu": 0, "gelu": 1, "gelu_tanh": 2}
 _NONE = torch.empty(0)
 
 
 def _linear(module):
+    if isinstance(module, StackedLinear):
+        parts = [_linear(m) for m in module.parts]
+        if any(p is None for p in parts):
+            return None
+        for p in parts[1:]:
+            parts[0].stack(p)
+        if module.bias is not None:
+            parts[0].set_bias(module.bias)
+        return parts[0]
     if isinstance(module, QuantizedLinear):
         w = module.weight
         if w.device.type != "cpu":
             return None
-        return torch.classes.flashgen.CpuLinear(w.bits, module.mode == "int8_dynamic", list(w.packed()), module.bias,
-                                                w.in_features, w.out_features, w.group_size or 0)
+        kind, param = w.format.cpu_linear(w, module.mode)
+        return torch.classes.flashgen.CpuLinear(kind, list(w.packed()), module.bias, w.in_features, w.out_features,
+                                                param)
     if isinstance(module, nn.Linear) and module.weight.dtype == torch.float32 and module.weight.is_cpu:
-        return torch.classes.flashgen.CpuLinear(0, False, [module.weight.contiguous()], module.bias,
+        return torch.classes.flashgen.CpuLinear("float", [module.weight.contiguous()], module.bias,
                                                 module.in_features, module.out_features, 0)
     return None
 

@@ -3,9 +3,10 @@
 The header is parsed here (gguf-py's reader builds numpy views of every field, which takes seconds for a
 tokenizer of 50k entries); the `gguf` package supplies the block type table and the K-quant dequantizers.
 
-Tensors come back in our formats: F32 / F16 / BF16 as torch tensors, Q4_0 / Q4_1 / Q8_0 converted losslessly
-to int4 / int8 QuantizedWeights (kernels/quant.py `from_gguf`, no float round trip), and every other block type
-llama.cpp writes (Q4_K, Q6_K, ...) dequantized to float32 by `gguf.quants`.
+Tensors come back in our formats: F32 / F16 / BF16 as torch tensors; the block types asked for (`native`,
+see native_types) as QuantizedWeights without a float round trip (kernels/quant.py `from_gguf`: Q4_0 / Q4_1 /
+Q8_0 as int4 / int8, the others in their own blocks); any other block type dequantized to float32 by
+`gguf.quants`.
 """
 import mmap
 import os
@@ -14,10 +15,16 @@ import struct
 import numpy as np
 import torch
 
+from flashgen.kernels import ggml
 from flashgen.kernels.quant import from_gguf
 
 GGUF_MAGIC = b"GGUF"
-NATIVE_TYPES = ("Q4_0", "Q4_1", "Q8_0")  # block types we keep quantized
+
+
+def native_types(device):
+    """The GGUF block types kept quantized on `device` (those its kernels compute); the rest load as float."""
+    cpu = torch.device(device).type == "cpu"
+    return ("Q4_0", "Q4_1", "Q8_0") + tuple(t.name for t in ggml.BLOCK_TYPES.values() if cpu and t.cpu_kernel)
 
 
 class CheckpointError(ValueError):
@@ -34,6 +41,8 @@ _NUMPY = {"B": np.uint8, "b": np.int8, "H": np.uint16, "h": np.int16, "I": np.ui
 class _Header:
     """A little-endian GGUF (v2 / v3) header parsed straight from the memory map: every count and length is
     checked against the bytes left, so a malformed file fails with a message instead of a huge allocation."""
+
+    MAX_DIMS = 4  # GGML_MAX_DIMS
 
     def __init__(self, buf):
         self.buf, self.pos = buf, 4
@@ -78,14 +87,47 @@ class _Header:
         meta = {}
         for _ in range(n_kv):
             key = self.string()
+            if key in meta:
+                raise CheckpointError(f"metadata key {key!r} appears twice")
             meta[key] = self.value(self.take("I"))
-        infos = []
-        for _ in range(n_tensors):
-            name = self.string()
-            dims = [self.take("Q") for _ in range(self.take("I"))]
-            infos.append((name, dims, self.take("I"), self.take("Q")))
-        align = int(meta.get("general.alignment", 32))
+        names = set()
+        infos = [self.tensor_info(names) for _ in range(n_tensors)]
+        align = meta.get("general.alignment", 32)
+        if not (type(align) is int and align > 0 and align & (align - 1) == 0):
+            raise CheckpointError(f"general.alignment must be a power of two, got {align!r}")
         return meta, infos, (self.pos + align - 1) // align * align
+
+    def tensor_info(self, names):
+        """(name, dims, type, offset) of the next tensor, its dims checked: whole blocks, and no more elements than
+        the file holds bits (so the byte counts computed from them stay in int64)."""
+        import gguf
+
+        name = self.string()
+        if name in names:
+            raise CheckpointError(f"tensor {name!r} appears twice")
+        names.add(name)
+        n_dims = self.take("I")
+        if not 1 <= n_dims <= self.MAX_DIMS:
+            raise CheckpointError(f"tensor {name!r} has {n_dims} dimensions (1 to {self.MAX_DIMS})")
+        dims = [self.take("Q") for _ in range(n_dims)]
+        raw_type, offset = self.take("I"), self.take("Q")
+        if min(dims) < 1:
+            raise CheckpointError(f"tensor {name!r} has an empty dimension (dims {dims})")
+        numel = 1
+        for d in dims:
+            numel *= d
+        if numel > 8 * len(self.buf):
+            raise CheckpointError(f"tensor {name!r} has dims {dims}: more elements than the file's {len(self.buf)} "
+                                  f"bytes can hold")
+        try:
+            qtype = gguf.GGMLQuantizationType(raw_type)
+        except ValueError:  # an unknown type is reported with the tensor's data
+            return name, dims, raw_type, offset
+        block = gguf.GGML_QUANT_SIZES[qtype][0]
+        if dims[0] % block:
+            raise CheckpointError(f"tensor {name!r} ({qtype.name}): rows of {dims[0]} values are not whole blocks "
+                                  f"of {block}")
+        return name, dims, raw_type, offset
 
 
 class _Tensor:
@@ -132,7 +174,7 @@ class GGUFFile:
             meta, infos, start = _Header(buf).parse()
         except CheckpointError as e:
             raise CheckpointError(f"{self.path}: malformed GGUF header ({e})") from None
-        except (struct.error, ValueError, OverflowError) as e:
+        except (struct.error, ValueError, OverflowError, RecursionError) as e:  # RecursionError: nested arrays
             raise CheckpointError(f"{self.path}: malformed GGUF header ({type(e).__name__}: {e})") from None
         self.meta = meta
         self._tensors = _tensors(self.path, buf, infos, start)
@@ -156,8 +198,8 @@ class GGUFFile:
             raise CheckpointError(f"{self.path}: tensor {name!r} is missing")
         return self._tensors[name]
 
-    def get(self, name, dtype=torch.float32, native=True):
-        """The tensor `name`: a float tensor, or (native) a QuantizedWeight for Q4_0 / Q4_1 / Q8_0 matrices."""
+    def get(self, name, dtype=torch.float32, native=("Q4_0", "Q4_1", "Q8_0")):
+        """The tensor `name`: a QuantizedWeight for a matrix of a block type in `native`, else a float tensor."""
         import gguf
 
         t = self._tensor(name)
@@ -168,7 +210,7 @@ class GGUFFile:
         if kind == "BF16":
             raw = torch.from_numpy(np.array(t.data)).reshape(-1).view(torch.bfloat16)
             return raw.reshape(shape).to(dtype)
-        if native and kind in NATIVE_TYPES and len(shape) == 2:
+        if kind in native and len(shape) == 2:
             return from_gguf(np.array(t.data), kind, shape, dtype=dtype)
         try:
             values = gguf.quants.dequantize(np.asarray(t.data), t.tensor_type)

@@ -3,22 +3,24 @@
 Every checkpoint tensor is mapped to our parameter names (engine/model.py), fused where the model fuses
 (q|k|v -> wqkv, gate|up -> w_in), transposed where GPT-2's Conv1D stores (in, out), and un-permuted where
 llama.cpp reordered the rows of Q and K for its interleaved rope. Float weights may be quantized on load
-(int8 per channel, int4 per group); GGUF Q4_0 / Q4_1 / Q8_0 stay in their native int4 / int8 form.
+(int8 per channel, int4 per group); GGUF block types stay quantized where the device has their kernels
+(Q4_0 / Q4_1 / Q8_0 as int4 / int8, the K-quants and Q5_0 / Q5_1 in their own blocks; gguf.native_types).
 """
 import json
 import logging
 import os
+import struct
 from dataclasses import dataclass, field
 
 import torch
 from torch import nn
 from tqdm import tqdm
 
-from flashgen.kernels.qlinear import QuantizedLinear
+from flashgen.kernels.qlinear import QuantizedLinear, StackedLinear
 from flashgen.kernels.quant import QuantizedWeight, quantize_int4, quantize_int8
 
-from .config import ModelConfig
-from .gguf import CheckpointError, GGUFFile
+from .config import ModelConfig, lookup, one_line, read_json
+from .gguf import CheckpointError, GGUFFile, native_types
 from .model import Transformer, rope_inv_freq
 from .tokenizer import gguf_tokenizer, load_hf_tokenizer
 
@@ -40,7 +42,7 @@ def load_model(path, device="cpu", dtype=None, quant=None, group_size=32, max_se
     """Load a Hugging Face folder or a .gguf file into a Transformer with a KV cache.
 
     dtype: activation / float-weight dtype (default float32 on CPU, bfloat16 on CUDA).
-    quant: None keeps the checkpoint's format (GGUF Q4_0/Q4_1/Q8_0 native, float stays float); "none"
+    quant: None keeps the checkpoint's format (GGUF block types native, float stays float); "none"
         dequantizes everything to float; "int8" / "int4" quantize the float linears (group_size for int4).
     max_seq_len: KV cache length (default min(context length, 4096)).
     kv_cache_dtype: of the KV cache (default: dtype); bfloat16 or float16 under float32 halve its memory.
@@ -53,7 +55,7 @@ def load_model(path, device="cpu", dtype=None, quant=None, group_size=32, max_se
     if os.path.isdir(path):
         config, tensors, tokenizer, gen = _read_hf(path, dtype)
     elif os.path.isfile(path):
-        config, tensors, tokenizer, gen = _read_gguf(path, dtype, native=quant != "none")
+        config, tensors, tokenizer, gen = _read_gguf(path, dtype, native=() if quant == "none" else native_types(device))
     else:
         raise FileNotFoundError(f"{path}: no such file or directory (expected a Hugging Face folder or a .gguf file)")
     model = _build(config, tensors, device, dtype, quant, group_size)
@@ -67,40 +69,105 @@ def load_model(path, device="cpu", dtype=None, quant=None, group_size=32, max_se
 class _SafetensorsFolder:
     """The tensors of model.safetensors or of the shards listed in model.safetensors.index.json, memory-mapped."""
 
+    # bits per element of each safetensors dtype, to tell which tensor of a refused header is wrong
+    DTYPE_BITS = {**dict.fromkeys(("BOOL", "U8", "I8", "F8_E5M2", "F8_E4M3", "F8_E8M0"), 8),
+                  **dict.fromkeys(("U16", "I16", "F16", "BF16"), 16), **dict.fromkeys(("U32", "I32", "F32"), 32),
+                  **dict.fromkeys(("U64", "I64", "F64", "C64"), 64), "F4": 4, "F6_E2M3": 6, "F6_E3M2": 6}
+
     def __init__(self, folder):
         from safetensors import safe_open
 
         index_path = os.path.join(folder, "model.safetensors.index.json")
         if os.path.exists(index_path):
-            with open(index_path) as f:
-                weight_map = json.load(f).get("weight_map")
-            if not isinstance(weight_map, dict):
-                raise CheckpointError(f"{index_path}: no 'weight_map' object")
+            weight_map = lookup(read_json(index_path), "weight_map", "an object", index_path)
+            for name, file in weight_map.items():
+                if not (isinstance(file, str) and file == os.path.basename(file) and file.endswith(".safetensors")):
+                    raise CheckpointError(f"{index_path}: weight_map[{name!r}] is {file!r}, not the name of a "
+                                          f".safetensors file beside it")
             files = sorted(set(weight_map.values()))
+            self.source = index_path
         else:
             files = sorted(n for n in os.listdir(folder) if n.endswith(".safetensors"))
             if not files:
                 raise FileNotFoundError(f"{folder}: no *.safetensors weights (pickled .bin checkpoints are refused)")
+            self.source = os.path.join(folder, files[0] if len(files) == 1 else "*.safetensors")
         self.handles, self.where = {}, {}
         for name in files:
             file_path = os.path.join(folder, name)
             if not os.path.isfile(file_path):
-                raise FileNotFoundError(f"{file_path}: missing (listed in {index_path})")
+                raise FileNotFoundError(f"{file_path}: missing (listed in the weight_map of {index_path})")
             try:
                 handle = safe_open(file_path, framework="pt")
                 for key in handle.keys():
                     self.where[key] = file_path
             except Exception as e:  # safetensors raises its own SafetensorError for malformed headers
-                raise CheckpointError(f"{file_path}: not a valid safetensors file ({e})") from e
+                problem = self.header_problem(file_path) or f"not a valid safetensors file ({one_line(e)})"
+                raise CheckpointError(f"{file_path}: {problem}") from None
             self.handles[file_path] = handle
-        self.folder = folder
+        self.n_bytes = sum(os.path.getsize(path) for path in self.handles)
+
+    @classmethod
+    def header_problem(cls, path):
+        """What is wrong in the header of a safetensors file the library refused (naming the tensor), or None."""
+        size = os.path.getsize(path)
+        with open(path, "rb") as f:
+            head = f.read(8)
+            if len(head) < 8:
+                return f"{size} bytes, too short for a safetensors header (truncated file?)"
+            (n,) = struct.unpack("<Q", head)
+            if n > size - 8:
+                return f"the header length {n} runs past the end of the file ({size} bytes; truncated file?)"
+            raw = f.read(n)
+        try:
+            header = json.loads(raw)
+        except (UnicodeDecodeError, ValueError, RecursionError) as e:
+            return f"the {n}-byte header is not JSON ({one_line(e)})"
+        if not isinstance(header, dict):
+            return f"the header is not a JSON object but {type(header).__name__}"
+        meta = header.pop("__metadata__", {})
+        if not (isinstance(meta, dict) and all(isinstance(v, str) for v in meta.values())):
+            return "__metadata__ must be an object of strings"
+        spans = []
+        for name, info in header.items():
+            problem = cls._entry_problem(info)
+            if problem:
+                return f"tensor {name!r}: {problem}"
+            spans.append((*info["data_offsets"], name))
+        data_bytes, offset = size - 8 - n, 0
+        for begin, end, name in sorted(spans):
+            if begin != offset:
+                return f"tensor {name!r}: data_offsets begin at {begin}, where the previous tensor ends at {offset}"
+            offset = end
+        if offset != data_bytes:
+            return f"the tensors' data ends at byte {offset} of {data_bytes} (truncated or padded file?)"
+        return None
+
+    @classmethod
+    def _entry_problem(cls, info):
+        if not isinstance(info, dict) or set(info) != {"dtype", "shape", "data_offsets"}:
+            return "expected an object of dtype, shape and data_offsets"
+        dtype, shape, offsets = info["dtype"], info["shape"], info["data_offsets"]
+        if not isinstance(dtype, str) or dtype not in cls.DTYPE_BITS:
+            return f"dtype {dtype!r} is not one of {sorted(cls.DTYPE_BITS)}"
+        if not (isinstance(shape, list) and all(isinstance(d, int) and d >= 0 for d in shape)):
+            return f"shape {shape!r} is not a list of sizes"
+        if not (isinstance(offsets, list) and len(offsets) == 2 and all(isinstance(o, int) for o in offsets)
+                and 0 <= offsets[0] <= offsets[1]):
+            return f"data_offsets {offsets!r} are not [begin, end] with 0 <= begin <= end"
+        numel = 1
+        for d in shape:
+            numel *= d
+        if (offsets[1] - offsets[0]) * 8 != numel * cls.DTYPE_BITS[dtype]:
+            return (f"{dtype} of shape {shape} takes {numel * cls.DTYPE_BITS[dtype] // 8} bytes, but data_offsets "
+                    f"{offsets} hold {offsets[1] - offsets[0]}")
+        return None
 
     def __contains__(self, name):
         return name in self.where
 
     def get(self, name):
         if name not in self.where:
-            raise CheckpointError(f"{self.folder}: tensor {name!r} is missing from the checkpoint")
+            raise CheckpointError(f"{self.source}: tensor {name!r} is missing from the checkpoint")
         path = self.where[name]
         try:
             return self.handles[path].get_tensor(name)
@@ -112,17 +179,14 @@ def _read_hf(folder, dtype):
     config_path = os.path.join(folder, "config.json")
     if not os.path.isfile(config_path):
         raise FileNotFoundError(f"{config_path}: missing")
-    with open(config_path) as f:
-        config = ModelConfig.from_hf(json.load(f), source=config_path)
-    gen = {}
+    config = ModelConfig.from_hf(read_json(config_path), source=config_path)
     gen_path = os.path.join(folder, "generation_config.json")
-    if os.path.isfile(gen_path):
-        with open(gen_path) as f:
-            gen = json.load(f)
+    gen = read_json(gen_path) if os.path.isfile(gen_path) else {}
     src = _SafetensorsFolder(folder)
-    eos = gen.get("eos_token_id")
-    extra_eos = [] if eos is None else [eos] if isinstance(eos, int) else list(eos)
-    tokenizer = load_hf_tokenizer(folder, extra_eos=extra_eos)
+    config.check_size(src.n_bytes, src.source)
+    eos = lookup(gen, "eos_token_id", "an integer >= 0 or a list of them", gen_path, None)
+    tokenizer = load_hf_tokenizer(folder, extra_eos=[] if eos is None else [eos] if isinstance(eos, int) else eos)
+    tokenizer.check_ids_below(config.vocab_size, f"{config_path} vocab_size")
     return config, _hf_tensors(config, src), tokenizer, gen
 
 
@@ -183,15 +247,17 @@ def _hf_tensors(c, src):
 # ------------------------------------------------------------------ GGUF files
 def _read_gguf(path, dtype, native):
     f = GGUFFile(path)
+    tokenizer = gguf_tokenizer(f.meta, source=path)  # first: the config falls back on its token count
     config = ModelConfig.from_gguf(f.meta, has_output="output.weight" in f, source=path)
-    tokenizer = gguf_tokenizer(f.meta, source=path)
+    config.check_size(os.path.getsize(path), path)
+    tokenizer.check_ids_below(config.vocab_size, "its vocab_size")
     gen = {"eos_token_id": sorted(tokenizer.eos_token_ids | set(config.eos_token_ids))}
     return config, _gguf_tensors(config, f, dtype, native), tokenizer, gen
 
 
 def _gguf_tensors(c, f, dtype, native):
-    """our name -> thunk over llama.cpp tensor names (blk.N.attn_q.weight, ...). native: keep Q4_0 / Q4_1 /
-    Q8_0 quantized (else every tensor is dequantized to float by gguf.quants)."""
+    """our name -> thunk over llama.cpp tensor names (blk.N.attn_q.weight, ...). native: the block types kept
+    quantized (gguf.native_types; every other tensor is dequantized to float)."""
     # llama.cpp's converter reorders the rows of Q and K of "llama" files for its interleaved (GPT-J) rope;
     # we rotate halves (HF layout), so those rows are put back.
     unpermute = f.meta.get("general.architecture") in ("llama", "mistral")
@@ -256,27 +322,23 @@ def _unpermute_rope(w, heads):
 
 
 def _take_rows(w, index):
-    if isinstance(w, torch.Tensor):
-        return w[index]
-    offsets = None if w.offsets is None else w.offsets[index]
-    return QuantizedWeight(w.bits, w.qweight[index], w.scales[index], offsets, group_size=w.group_size,
-                           shape=(len(index), w.in_features), dtype=w.dtype)
+    return w[index] if isinstance(w, torch.Tensor) else w.rows(index)
 
 
 def _cat_rows(parts):
-    """Stack weights along the output dimension; quantized parts stay quantized when their formats agree."""
-    if all(isinstance(p, torch.Tensor) for p in parts):
-        return torch.cat(parts)
-    first = parts[0]
-    same = all(isinstance(p, QuantizedWeight) and (p.bits, p.group_size) == (first.bits, first.group_size)
-               for p in parts)
-    if not same:
-        log.warning("mixed quantization formats in one fused projection: dequantized to float")
-        return torch.cat([p if isinstance(p, torch.Tensor) else p.dequantize(torch.float32) for p in parts])
-    offsets = None if first.offsets is None else torch.cat([p.offsets for p in parts])
-    return QuantizedWeight(first.bits, torch.cat([p.qweight for p in parts]), torch.cat([p.scales for p in parts]),
-                           offsets, group_size=first.group_size,
-                           shape=(sum(p.out_features for p in parts), first.in_features), dtype=first.dtype)
+    """Stack weights along the output dimension. Runs of parts in one format merge (one tensor or QuantizedWeight);
+    when formats still differ, the list of merged runs (a StackedLinear, each run in its own format)."""
+    def key(p):
+        return "float" if isinstance(p, torch.Tensor) else (p.format, p.group_size)
+
+    runs = []
+    for p in parts:
+        if runs and key(runs[-1][-1]) == key(p):
+            runs[-1].append(p)
+        else:
+            runs.append([p])
+    merged = [torch.cat(r) if isinstance(r[0], torch.Tensor) else QuantizedWeight.cat(r) for r in runs]
+    return merged[0] if len(merged) == 1 else merged
 
 
 # ------------------------------------------------------------------ assembling the model
@@ -299,7 +361,7 @@ def _build(config, plan, device, dtype, quant, group_size):
         if name not in expected:
             raise CheckpointError(f"{source}: unexpected tensor for {name}")
         want = tuple(expected[name].shape)
-        got = tuple(value.shape)
+        got = (sum(p.shape[0] for p in value), value[0].shape[1]) if isinstance(value, list) else tuple(value.shape)
         if got != want:
             raise CheckpointError(f"{source}: tensor for {name} has shape {got}, but the config implies {want} "
                                   f"(inconsistent config sizes?)")
@@ -309,11 +371,15 @@ def _build(config, plan, device, dtype, quant, group_size):
             if "output.weight" not in plan and quant != "none":  # tied head: the native matrix for the matmul
                 model.output = QuantizedLinear(value.to(device))
             value = value.dequantize(dtype)
+        if isinstance(value, list):
+            _set_module(model, module_name, StackedLinear([p.to(device) if isinstance(p, QuantizedWeight)
+                                                           else p.to(device, dtype) for p in value]))
+            continue
         if isinstance(value, QuantizedWeight) and quant == "none":
             value = value.dequantize(dtype)
         if isinstance(value, QuantizedWeight):
             _set_quantized(model, module_name, value.to(device))
-        elif isinstance(module, QuantizedLinear):
+        elif isinstance(module, (QuantizedLinear, StackedLinear)):
             module.bias = nn.Parameter(value.to(device, dtype), requires_grad=False)
         else:
             setattr(module, attr, nn.Parameter(value.to(device, dtype).contiguous(), requires_grad=False))
@@ -325,16 +391,22 @@ def _build(config, plan, device, dtype, quant, group_size):
     unloaded = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
     if unloaded:
         raise CheckpointError(f"{source}: no checkpoint tensor for {unloaded[:4]}")
-    for module in model.modules():  # the kernels' layouts now, so the first prompt does not pay for them
-        if isinstance(module, QuantizedLinear):
+    for module in tqdm(list(model.modules()), desc="prepacking", unit="module", leave=False,
+                       disable=not log.isEnabledFor(logging.INFO)):
+        if isinstance(module, QuantizedLinear):  # the kernels' layouts now, so the first prompt does not pay for them
             module.weight.packed()
     return model.eval()
 
 
 def _set_quantized(model, module_name, weight):
     """Swap the linear `module_name` for a QuantizedLinear (its bias, possibly still unloaded, carries over)."""
+    _set_module(model, module_name, QuantizedLinear(weight, model.get_submodule(module_name).bias))
+
+
+def _set_module(model, module_name, new):
+    if new.bias is None and getattr(model.get_submodule(module_name), "bias", None) is not None:
+        new.bias = model.get_submodule(module_name).bias  # unloaded yet (meta), set when its tensor comes
     parent_name, _, child = module_name.rpartition(".")
-    new = QuantizedLinear(weight, model.get_submodule(module_name).bias)
     setattr(model.get_submodule(parent_name) if parent_name else model, child, new)
 
 

@@ -224,6 +224,16 @@ INT8_DEQUANTIZE = _define(
     reference.int8_dequantize,
 )
 
+# GGML block types (kernels/ggml.py): `blocks` uint8 (N, K / block * block_bytes), the file's own bytes.
+GGML_PREPACK = _define("ggml_prepack(Tensor blocks, int ggml_type, int in_features) -> Tensor", reference.ggml_prepack)
+GGML_LINEAR = _define(
+    "ggml_linear(Tensor x, Tensor packed, int ggml_type, int out_features, Tensor? bias) -> Tensor",
+    reference.ggml_linear,
+)
+GGML_DEQUANTIZE = _define(
+    "ggml_dequantize(Tensor packed, int ggml_type, int out_features, int in_features, ScalarType dtype) -> Tensor",
+    reference.ggml_dequantize,
+)
 
 def _cpu_tiles(n):
     return (n + 15) // 16
@@ -245,6 +255,13 @@ def _cpu_int8_packed_shapes(qweight, scales):
     return [((t, kb, 576), torch.int8), ((t, 1 if scales.shape[1] == 1 else kb, 16), scales.dtype)]
 
 
+def _cpu_ggml_packed_shapes(blocks, ggml_type, in_features):
+    # csrc/cpu/ggml.h: 16-row tiles, one record per tile per super-block (its size is the C++ layout's).
+    from . import _backend, ggml
+
+    t = ggml.block_type(ggml_type)
+    return [((_cpu_tiles(blocks.shape[0]), in_features // t.block, _backend.C.ggml_tile_bytes(t.type_id)), torch.uint8)]
+
 def _cuda_packed_shapes(qweight, *params):
     # kernels/triton/quant.py: the canonical tensors, with float32 scales (and offsets).
     return [(qweight.shape, qweight.dtype)] + [(p.shape, torch.float32) for p in params if isinstance(p, torch.Tensor)]
@@ -253,6 +270,7 @@ def _cuda_packed_shapes(qweight, *params):
 PACKED_SHAPES = {
     (INT4_PREPACK, "cpu"): _cpu_int4_packed_shapes,
     (INT8_PREPACK, "cpu"): _cpu_int8_packed_shapes,
+    (GGML_PREPACK, "cpu"): _cpu_ggml_packed_shapes,
     (INT4_PREPACK, "cuda"): _cuda_packed_shapes,
     (INT8_PREPACK, "cuda"): _cuda_packed_shapes,
 }
@@ -275,6 +293,14 @@ def _(qweight, scales):
     return _packed_fake(INT8_PREPACK, qweight, scales)
 
 
+@torch.library.register_fake(GGML_PREPACK)
+def _(blocks, ggml_type, in_features):
+    shapes = PACKED_SHAPES.get((GGML_PREPACK, blocks.device.type))
+    if shapes is None:
+        return torch.empty_like(blocks)
+    ((shape, dtype),) = shapes(blocks, ggml_type, in_features)
+    return blocks.new_empty(shape, dtype=dtype)
+
 def _linear_fake(x, out_features):
     return x.new_empty((*x.shape[:-1], out_features))
 
@@ -294,6 +320,10 @@ def _(x, qweight, scales, out_features, bias):
     return _linear_fake(x, out_features)
 
 
+@torch.library.register_fake(GGML_LINEAR)
+def _(x, packed, ggml_type, out_features, bias):
+    return _linear_fake(x, out_features)
+
 @torch.library.register_fake(INT4_DEQUANTIZE)
 def _(qweight, scales, offsets, group_size, out_features, in_features, dtype):
     return qweight.new_empty((out_features, in_features), dtype=dtype)
@@ -303,6 +333,10 @@ def _(qweight, scales, offsets, group_size, out_features, in_features, dtype):
 def _(qweight, scales, out_features, in_features, dtype):
     return qweight.new_empty((out_features, in_features), dtype=dtype)
 
+
+@torch.library.register_fake(GGML_DEQUANTIZE)
+def _(packed, ggml_type, out_features, in_features, dtype):
+    return packed.new_empty((out_features, in_features), dtype=dtype)
 
 # Backward of y = x W^T + b with W frozen: dx = dy W (W dequantized by the same device's op), db = sum dy.
 # int8_linear_dynamic passes the gradient straight through its activation rounding.
@@ -330,3 +364,5 @@ torch.library.register_autograd(
 for _op in (INT8_LINEAR, INT8_LINEAR_DYNAMIC):
     torch.library.register_autograd(
         _op, _qlinear_backward(torch.ops.flashgen.int8_dequantize.default, 3), setup_context=_qlinear_setup)
+torch.library.register_autograd(
+    GGML_LINEAR, _qlinear_backward(torch.ops.flashgen.ggml_dequantize.default, 3), setup_context=_qlinear_setup)

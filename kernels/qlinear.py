@@ -16,38 +16,46 @@ from .quant import QuantizedWeight, quantize_int4, quantize_int8
 log = logging.getLogger("flashgen")
 
 
-def _weight(qweight, bits):
+def _weight(qweight, fmt):
     if not isinstance(qweight, QuantizedWeight):
         raise TypeError(f"qweight must be a QuantizedWeight, got {type(qweight).__name__}")
-    if qweight.bits != bits:
-        raise ValueError(f"expected a {bits}-bit QuantizedWeight, got {qweight.bits}-bit")
+    if fmt not in ("ggml", qweight.format.name) or (fmt == "ggml" and qweight.format.name in ("int4", "int8")):
+        raise ValueError(f"expected a {fmt} QuantizedWeight, got format {qweight.format.name}")
     return qweight
 
 
 def int4_linear(x, qweight, bias=None):
-    """y = x W^T + bias for an int4 QuantizedWeight W (weight-only: activations stay float on the API)."""
-    w = _weight(qweight, 4)
-    return torch.ops.flashgen.int4_linear(x, *w.packed(), w.group_size, w.out_features, bias)
+    """y = x W^T + bias for an int4 QuantizedWeight W (weight-only). On the CPU, x is rounded to int8 per block of
+    32 features first, like llama.cpp's Q8_0 activations (the error bound is in csrc/cpu/quant_linear.cpp); the
+    reference and the GPU kernels keep x in float."""
+    w = _weight(qweight, "int4")
+    return w.format.linear(x, w, bias, "int4")
 
 
 def int8_linear(x, qweight, bias=None):
-    """y = x W^T + bias for an int8 QuantizedWeight W (weight-only)."""
-    w = _weight(qweight, 8)
-    return torch.ops.flashgen.int8_linear(x, *w.packed(), w.out_features, bias)
+    """y = x W^T + bias for an int8 QuantizedWeight W (weight-only; on the CPU x is rounded to int8 per block of 32
+    features, as for int4_linear)."""
+    w = _weight(qweight, "int8")
+    return w.format.linear(x, w, bias, "int8")
 
 
 def int8_linear_dynamic(x, qweight, bias=None):
     """W8A8: x is quantized per token to symmetric int8 (scale max|x|/127), the products accumulate in int32,
     y = sx * sum_b sw_b * acc_b + bias. The gradient wrt x treats the activation rounding as identity."""
-    w = _weight(qweight, 8)
-    return torch.ops.flashgen.int8_linear_dynamic(x, *w.packed(), w.out_features, bias)
+    w = _weight(qweight, "int8")
+    return w.format.linear(x, w, bias, "int8_dynamic")
 
 
-_LINEARS = {"int4": int4_linear, "int8": int8_linear, "int8_dynamic": int8_linear_dynamic}
+def ggml_linear(x, qweight, bias=None):
+    """y = x W^T + bias for a QuantizedWeight W in a GGML block format (Q4_K, Q6_K, ...: kernels/ggml.py). On the
+    CPU x is rounded to int8 per block of 32 features, as for int4_linear."""
+    w = _weight(qweight, "ggml")
+    return w.format.linear(x, w, bias, w.format.name)
 
 
 class QuantizedLinear(nn.Module):
-    """Drop-in for nn.Linear over a frozen QuantizedWeight. mode: "int4", "int8" or "int8_dynamic" (W8A8).
+    """Drop-in for nn.Linear over a frozen QuantizedWeight. mode: one of the weight format's modes: "int4";
+    "int8" or "int8_dynamic" (W8A8); a GGML block type's name.
 
     The weight is prepacked for its device on first use; `.to(device)` moves it (dtype conversions leave the
     codes and scales alone and apply to the bias only). The state dict holds the canonical tensors.
@@ -55,9 +63,10 @@ class QuantizedLinear(nn.Module):
 
     def __init__(self, weight: QuantizedWeight, bias=None, mode=None):
         super().__init__()
-        mode = mode or ("int4" if weight.bits == 4 else "int8")
-        if mode not in _LINEARS or (weight.bits == 4) != (mode == "int4"):
-            raise ValueError(f"mode {mode!r} does not fit a {weight.bits}-bit weight (int4 | int8 | int8_dynamic)")
+        modes = weight.format.modes
+        mode = mode or modes[0]
+        if mode not in modes:
+            raise ValueError(f"mode {mode!r} does not fit a {weight.format.name} weight (one of {modes})")
         self.weight, self.mode = weight, mode
         self.in_features, self.out_features = weight.in_features, weight.out_features
         self.bias = nn.Parameter(bias.detach().clone(), requires_grad=False) if bias is not None else None
@@ -73,7 +82,7 @@ class QuantizedLinear(nn.Module):
         return cls(w.to(linear.weight.device), linear.bias, mode)
 
     def forward(self, x):
-        return _LINEARS[self.mode](x, self.weight, self.bias)
+        return self.weight.format.linear(x, self.weight, self.bias, self.mode)
 
     def _apply(self, fn, recurse=True):
         # fn converts a tensor (device and/or dtype); only its device applies to the codes and scales.
@@ -102,6 +111,32 @@ class QuantizedLinear(nn.Module):
                 f"mode={self.mode}, group_size={self.weight.group_size}")
 
 
+class StackedLinear(nn.Module):
+    """Linears of different weight formats stacked along the outputs: y = cat_i(x W_i^T) + bias.
+
+    A fused projection whose checkpoint tensors differ in format (a Q4_K_M file's Q4_K q and k with a Q6_K v)
+    stays quantized this way instead of falling back to float. parts: QuantizedWeights or float (N_i, K) tensors.
+    """
+
+    def __init__(self, parts, bias=None):
+        super().__init__()
+        self.parts = nn.ModuleList(
+            QuantizedLinear(p) if isinstance(p, QuantizedWeight) else nn.Linear(p.shape[1], p.shape[0], bias=False)
+            for p in parts)
+        for module, p in zip(self.parts, parts):
+            if isinstance(p, torch.Tensor):
+                module.weight = nn.Parameter(p, requires_grad=False)
+        self.in_features = self.parts[0].in_features
+        if any(m.in_features != self.in_features for m in self.parts):
+            raise ValueError("StackedLinear: every part must have the same in_features")
+        self.out_features = sum(m.out_features for m in self.parts)
+        self.bias = nn.Parameter(bias.detach().clone(), requires_grad=False) if bias is not None else None
+
+    def forward(self, x):
+        y = torch.cat([m(x) for m in self.parts], dim=-1)
+        return y + self.bias if self.bias is not None else y
+
+
 def quantize_model(model: nn.Module, mode="int8", group_size=32, skip=(), symmetric=False, block_size=None):
     """Replace every nn.Linear of `model` (in place) by a QuantizedLinear; returns the model.
 
@@ -109,7 +144,7 @@ def quantize_model(model: nn.Module, mode="int8", group_size=32, skip=(), symmet
     skip: module names or fnmatch patterns (e.g. "lm_head", "*.gate") left in float. An int4 layer whose
     in_features is not a multiple of group_size is left in float too, with a warning.
     """
-    if mode not in _LINEARS:
+    if mode not in ("int4", "int8", "int8_dynamic"):
         raise ValueError(f"mode must be 'int4', 'int8' or 'int8_dynamic', got {mode!r}")
     skip = [skip] if isinstance(skip, str) else list(skip)
     targets = [(name, m) for name, m in model.named_modules() if isinstance(m, nn.Linear)

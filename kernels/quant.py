@@ -9,13 +9,17 @@ Canonical formats (what a QuantizedWeight stores, the same on every device):
 - int8: `qweight` int8 (N, K); `scales` float32 or float16, (N, 1) per output channel, or (N, K//32) per block of
   32 (GGUF Q8_0):
       w[n, k] = scales[n, k // block] * q[n, k]
+- GGML block types (Q4_K, Q6_K, Q5_0, ... kernels/ggml.py): `qweight` uint8 (N, K / block * block_bytes), the
+  GGUF file's own blocks, lossless and as compact as the file.
+
+A format is one QuantFormat object of FORMATS (its tensors, checks, dequantizer and kernel ops).
 
 float16 scales hold the values of formats that store them in float16 (GGUF), losslessly and in half the bytes
 the kernels stream; every op computes with them converted to float32 (exact), so the dequantized weight is the
 same as with float32 scales of the same values. The round-to-nearest quantizers and the AWQ / GPTQ converters
 produce float32 (their offsets -z*s are not float16 values).
 
-Each device's kernels stream a prepacked layout instead (`flashgen::int4_prepack` / `int8_prepack`);
+Each device's kernels stream a prepacked layout instead (`flashgen::int4_prepack` / `int8_prepack` / `ggml_prepack`);
 `QuantizedWeight.packed()` builds it once per device and caches it.
 """
 import json
@@ -23,34 +27,162 @@ import json
 import numpy as np
 import torch
 
-from . import reference
+from . import ggml, reference
 
 INT4_GROUP_SIZES = (32, 64, 128)
 INT8_BLOCK_SIZES = (None, 32)
 _DTYPES = {str(d): d for d in (torch.float32, torch.float16, torch.bfloat16, torch.float64)}
 
 
-class QuantizedWeight:
-    """A quantized (N, K) weight in the canonical format (module docstring), plus the original shape and dtype.
+class QuantFormat:
+    """A weight format: the canonical tensors a QuantizedWeight of it holds, their checks and dequantizer, and the
+    ops of its kernels. FORMATS has one per name; the loader, QuantizedLinear and the C++ decoder go through it.
 
-    bits: 4 or 8. group_size: int4 group size g; int8 block size (32) or None for per-output-channel scales.
+    modes: the QuantizedLinear modes it computes (the first is the default). cpu_linear(w, mode) gives the
+    (kind, parameter) of csrc/cpu/decoder.cpp's CpuLinear.
+    """
+
+    name = ""
+    modes = ()
+
+    def in_features(self, qweight, group_size):
+        raise NotImplementedError
+
+    def check(self, w):
+        raise NotImplementedError
+
+    def tensors(self, w):
+        raise NotImplementedError
+
+    def dequantize(self, w, dtype):
+        raise NotImplementedError
+
+    def prepack(self, w):
+        raise NotImplementedError
+
+    def linear(self, x, w, bias, mode):
+        raise NotImplementedError
+
+    def cpu_linear(self, w, mode):
+        raise NotImplementedError
+
+
+class _Int4(QuantFormat):
+    name, modes = "int4", ("int4",)
+
+    def in_features(self, qweight, group_size):
+        return qweight.shape[1] * 2
+
+    def check(self, w):
+        _check_int4(w.qweight, w.scales, w.offsets, w.group_size, w.in_features)
+
+    def tensors(self, w):
+        return w.qweight, w.scales, w.offsets
+
+    def dequantize(self, w, dtype):
+        return reference.int4_dequantize(*self.tensors(w), w.group_size, *w.shape, dtype)
+
+    def prepack(self, w):
+        return torch.ops.flashgen.int4_prepack(*self.tensors(w), w.group_size)
+
+    def linear(self, x, w, bias, mode):
+        return torch.ops.flashgen.int4_linear(x, *w.packed(), w.group_size, w.out_features, bias)
+
+    def cpu_linear(self, w, mode):
+        return "int4", w.group_size
+
+
+class _Int8(QuantFormat):
+    name, modes = "int8", ("int8", "int8_dynamic")
+
+    def in_features(self, qweight, group_size):
+        return qweight.shape[1]
+
+    def check(self, w):
+        _check_int8(w.qweight, w.scales, w.offsets, w.group_size, w.in_features)
+
+    def tensors(self, w):
+        return w.qweight, w.scales
+
+    def dequantize(self, w, dtype):
+        return reference.int8_dequantize(*self.tensors(w), *w.shape, dtype)
+
+    def prepack(self, w):
+        return torch.ops.flashgen.int8_prepack(*self.tensors(w))
+
+    def linear(self, x, w, bias, mode):
+        op = torch.ops.flashgen.int8_linear_dynamic if mode == "int8_dynamic" else torch.ops.flashgen.int8_linear
+        return op(x, *w.packed(), w.out_features, bias)
+
+    def cpu_linear(self, w, mode):
+        return mode, 0
+
+
+class _GGML(QuantFormat):
+    """A GGML block type kept in its blocks (kernels/ggml.py): qweight uint8 (N, K / block * block_bytes)."""
+
+    def __init__(self, block_type):
+        self.block_type = block_type
+        self.name, self.modes = block_type.name, (block_type.name,)
+
+    def in_features(self, qweight, group_size):
+        return qweight.shape[1] // self.block_type.block_bytes * self.block_type.block
+
+    def check(self, w):
+        t = self.block_type
+        if w.scales is not None or w.offsets is not None or w.group_size is not None:
+            raise ValueError(f"{t.name} weights keep their scales in their blocks: scales, offsets and group_size "
+                             f"must be None")
+        _expect(w.qweight, "qweight", torch.uint8, (w.out_features, t.row_bytes(w.in_features)))
+
+    def tensors(self, w):
+        return (w.qweight,)
+
+    def dequantize(self, w, dtype):
+        return reference.ggml_dequantize(w.qweight, self.block_type.type_id, *w.shape, dtype)
+
+    def prepack(self, w):
+        return (torch.ops.flashgen.ggml_prepack(w.qweight, self.block_type.type_id, w.in_features),)
+
+    def linear(self, x, w, bias, mode):
+        return torch.ops.flashgen.ggml_linear(x, *w.packed(), self.block_type.type_id, w.out_features, bias)
+
+    def cpu_linear(self, w, mode):
+        return "ggml", self.block_type.type_id
+
+
+FORMATS = {f.name: f for f in (_Int4(), _Int8(), *(_GGML(t) for t in ggml.BLOCK_TYPES.values()))}
+
+
+def quant_format(name):
+    """The QuantFormat called `name` (or `name` itself when it is one)."""
+    if isinstance(name, QuantFormat):
+        return name
+    if name not in FORMATS:
+        raise ValueError(f"format must be one of {sorted(FORMATS)}, got {name!r}")
+    return FORMATS[name]
+
+
+class QuantizedWeight:
+    """A quantized (N, K) weight in the canonical tensors of its format (module docstring), plus its shape and
+    dtype.
+
+    format: a FORMATS name ("int4", "int8", or a GGML block type such as "Q4_K") or a QuantFormat.
+    group_size: int4 group size g; int8 block size (32) or None for per-output-channel scales; None for GGML.
     dtype: the dtype of the weight it was made from (the default dtype of `dequantize()`).
     """
 
-    def __init__(self, bits, qweight, scales, offsets=None, group_size=None, shape=None, dtype=torch.float32):
-        if bits not in (4, 8):
-            raise ValueError(f"bits must be 4 or 8, got {bits}")
-        n = qweight.shape[0]
-        k = qweight.shape[1] * (2 if bits == 4 else 1)
+    def __init__(self, format, qweight, scales=None, offsets=None, group_size=None, shape=None, dtype=torch.float32):
+        self.format = quant_format(format)
+        if not isinstance(qweight, torch.Tensor) or qweight.dim() != 2:
+            raise TypeError(f"qweight must be a 2-D tensor, got {getattr(qweight, 'shape', type(qweight).__name__)}")
+        n, k = qweight.shape[0], self.format.in_features(qweight, group_size)
         shape = tuple(shape) if shape is not None else (n, k)
         if shape != (n, k):
-            raise ValueError(f"shape {shape} does not match qweight {tuple(qweight.shape)} for {bits}-bit codes")
-        if bits == 4:
-            _check_int4(qweight, scales, offsets, group_size, k)
-        else:
-            _check_int8(qweight, scales, offsets, group_size, k)
-        self.bits, self.qweight, self.scales, self.offsets = bits, qweight, scales, offsets
+            raise ValueError(f"shape {shape} does not match qweight {tuple(qweight.shape)} for {self.format.name} codes")
+        self.qweight, self.scales, self.offsets = qweight, scales, offsets
         self.group_size, self.shape, self.dtype = group_size, shape, dtype
+        self.format.check(self)
         self._packed = None
 
     @property
@@ -66,39 +198,52 @@ class QuantizedWeight:
         return self.qweight.device
 
     def tensors(self):
-        """The canonical tensors: (qweight, scales, offsets) for int4, (qweight, scales) for int8."""
-        return (self.qweight, self.scales, self.offsets) if self.bits == 4 else (self.qweight, self.scales)
+        """The canonical tensors: (qweight, scales, offsets) for int4, (qweight, scales) for int8, (blocks,) for
+        GGML block types."""
+        return self.format.tensors(self)
 
     def dequantize(self, dtype=None):
         """The (N, K) weight the codes stand for (exact in float32 and float64; rounded once to other dtypes)."""
-        dtype = dtype or self.dtype
-        if self.bits == 4:
-            return reference.int4_dequantize(*self.tensors(), self.group_size, *self.shape, dtype)
-        return reference.int8_dequantize(*self.tensors(), *self.shape, dtype)
+        return self.format.dequantize(self, dtype or self.dtype)
 
     def packed(self):
-        """The tensors prepacked for this weight's device (`flashgen::int{4,8}_prepack`), built once and cached."""
+        """The tensors prepacked for this weight's device (the format's prepack op), built once and cached."""
         if self._packed is None:
-            if self.bits == 4:
-                self._packed = torch.ops.flashgen.int4_prepack(*self.tensors(), self.group_size)
-            else:
-                self._packed = torch.ops.flashgen.int8_prepack(*self.tensors())
+            self._packed = self.format.prepack(self)
         return self._packed
+
+    def rows(self, index):
+        """The weight of output rows `index` (every canonical tensor is one row per output feature)."""
+        picked = [None if t is None else t[index] for t in (self.qweight, self.scales, self.offsets)]
+        return QuantizedWeight(self.format, *picked, group_size=self.group_size,
+                               shape=(len(index), self.in_features), dtype=self.dtype)
+
+    @staticmethod
+    def cat(parts):
+        """The weights stacked along the output features (one format and group size)."""
+        first = parts[0]
+        if any((p.format, p.group_size, p.in_features) != (first.format, first.group_size, first.in_features)
+               for p in parts):
+            raise ValueError("QuantizedWeight.cat: every part must have the same format, group size and in_features")
+        tensors = [None if getattr(first, a) is None else torch.cat([getattr(p, a) for p in parts])
+                   for a in ("qweight", "scales", "offsets")]
+        return QuantizedWeight(first.format, *tensors, group_size=first.group_size,
+                               shape=(sum(p.out_features for p in parts), first.in_features), dtype=first.dtype)
 
     def to(self, device):
         """A copy on `device` (the prepacked cache is rebuilt there on first use)."""
         moved = [t.to(device) if t is not None else None for t in (self.qweight, self.scales, self.offsets)]
-        return QuantizedWeight(self.bits, *moved, group_size=self.group_size, shape=self.shape, dtype=self.dtype)
+        return QuantizedWeight(self.format, *moved, group_size=self.group_size, shape=self.shape, dtype=self.dtype)
 
     def state_dict(self, prefix=""):
         """Canonical tensors under `prefix` + qweight / scales / offsets, and a uint8 `qmeta` tensor holding
-        bits, group size, shape and dtype as JSON (so a state dict is self-describing in safetensors)."""
-        meta = json.dumps({"bits": self.bits, "group_size": self.group_size, "shape": list(self.shape),
+        format, group size, shape and dtype as JSON (so a state dict is self-describing in safetensors)."""
+        meta = json.dumps({"format": self.format.name, "group_size": self.group_size, "shape": list(self.shape),
                            "dtype": str(self.dtype)})
-        sd = {prefix + "qweight": self.qweight, prefix + "scales": self.scales,
-              prefix + "qmeta": torch.tensor(list(meta.encode()), dtype=torch.uint8)}
-        if self.offsets is not None:
-            sd[prefix + "offsets"] = self.offsets
+        sd = {prefix + "qweight": self.qweight, prefix + "qmeta": torch.tensor(list(meta.encode()), dtype=torch.uint8)}
+        for name in ("scales", "offsets"):
+            if getattr(self, name) is not None:
+                sd[prefix + name] = getattr(self, name)
         return sd
 
     @classmethod
@@ -108,7 +253,8 @@ class QuantizedWeight:
         meta = json.loads(bytes(sd[prefix + "qmeta"].tolist()).decode())
         if meta.get("dtype") not in _DTYPES:
             raise ValueError(f"{prefix}qmeta: unknown dtype {meta.get('dtype')!r}")
-        return cls(meta["bits"], sd[prefix + "qweight"], sd[prefix + "scales"], sd.get(prefix + "offsets"),
+        fmt = meta.get("format") or {4: "int4", 8: "int8"}.get(meta.get("bits"))  # files saved before formats
+        return cls(fmt, sd[prefix + "qweight"], sd.get(prefix + "scales"), sd.get(prefix + "offsets"),
                    group_size=meta["group_size"], shape=meta["shape"], dtype=_DTYPES[meta["dtype"]])
 
     def save(self, path):
@@ -125,7 +271,7 @@ class QuantizedWeight:
         return cls.from_state_dict(load_file(path, device=str(device)))
 
     def __repr__(self):
-        return (f"QuantizedWeight(bits={self.bits}, shape={self.shape}, group_size={self.group_size}, "
+        return (f"QuantizedWeight(format={self.format.name}, shape={self.shape}, group_size={self.group_size}, "
                 f"dtype={self.dtype}, device={self.device})")
 
 
@@ -202,7 +348,7 @@ def quantize_int4(w, group_size=32, symmetric=False):
         s, m = (hi - lo) / 15, lo
     safe = torch.where(s > 0, s, torch.ones_like(s))
     q = torch.where(s > 0, torch.round((g - m) / safe), torch.zeros_like(g)).clamp(0, 15)
-    return QuantizedWeight(4, int4_pack(q.reshape(n, k)), s.reshape(n, -1).contiguous(),
+    return QuantizedWeight("int4", int4_pack(q.reshape(n, k)), s.reshape(n, -1).contiguous(),
                            m.reshape(n, -1).contiguous(), group_size=group_size, dtype=w.dtype)
 
 
@@ -219,7 +365,7 @@ def quantize_int8(w, block_size=None):
     s = g.abs().amax(-1, keepdim=True) / 127
     safe = torch.where(s > 0, s, torch.ones_like(s))
     q = torch.round(g / safe).clamp(-127, 127).to(torch.int8)
-    return QuantizedWeight(8, q.reshape(n, k), s.reshape(n, -1).contiguous(), group_size=block_size, dtype=w.dtype)
+    return QuantizedWeight("int8", q.reshape(n, k), s.reshape(n, -1).contiguous(), group_size=block_size, dtype=w.dtype)
 
 
 # ---------------------------------------------------------------- lossless converters
@@ -230,13 +376,15 @@ def quantize_int8(w, block_size=None):
 # Our int4 takes s = d, m = -8d (Q4_0) or m (Q4_1) with g = 32, kept in float16 (-8d is d with the exponent
 # raised by 3: exact unless it overflows, then that tensor keeps float32); the products are exact in float32,
 # so dequantizing gives the very values ggml computes.
+# Every other GGUF block type (kernels/ggml.py) stays in its blocks: a QuantizedWeight of that format.
 _GGUF_BLOCK_BYTES = {"Q4_0": 18, "Q4_1": 20, "Q8_0": 34}
+GGUF_TYPES = (*_GGUF_BLOCK_BYTES, *ggml.BLOCK_TYPES)  # the block types from_gguf keeps quantized
 
 
 def _gguf_type_name(ggml_type):
     name = getattr(ggml_type, "name", ggml_type)
-    if name not in _GGUF_BLOCK_BYTES:
-        raise ValueError(f"ggml_type must be one of {sorted(_GGUF_BLOCK_BYTES)}, got {ggml_type!r}")
+    if name not in GGUF_TYPES:
+        raise ValueError(f"ggml_type must be one of {sorted(GGUF_TYPES)}, got {ggml_type!r}")
     return name
 
 
@@ -253,32 +401,35 @@ def _q4_0_offsets(d):
 
 
 def from_gguf(raw, ggml_type, shape, dtype=torch.float32):
-    """A GGUF Q4_0 / Q4_1 / Q8_0 tensor's raw block bytes -> QuantizedWeight of shape (N, K) = `shape`
+    """A GGUF tensor's raw block bytes (a type of GGUF_TYPES) -> QuantizedWeight of shape (N, K) = `shape`
     (GGUF lists dims innermost first: pass (ne[1], ne[0])). raw: bytes, a uint8 numpy array or tensor."""
     name = _gguf_type_name(ggml_type)
     n, k = (int(d) for d in shape)
-    if k % 32:
-        raise ValueError(f"GGUF {name}: in_features {k} must be a multiple of the block size 32")
+    block, bb = (ggml.BLOCK_TYPES[name].block, ggml.BLOCK_TYPES[name].block_bytes) if name in ggml.BLOCK_TYPES \
+        else (32, _GGUF_BLOCK_BYTES[name])
+    if k % block:
+        raise ValueError(f"GGUF {name}: in_features {k} must be a multiple of the block size {block}")
     if isinstance(raw, (bytes, bytearray, memoryview)):
         raw = np.frombuffer(raw, dtype=np.uint8)
     if isinstance(raw, np.ndarray):
         raw = np.ascontiguousarray(raw).view(np.uint8)
         raw = torch.from_numpy(raw if raw.flags.writeable else raw.copy())  # (e.g. a read-only GGUF memmap)
-    bb = _GGUF_BLOCK_BYTES[name]
-    if raw.numel() != n * k // 32 * bb:
-        raise ValueError(f"GGUF {name} tensor of shape ({n}, {k}) needs {n * k // 32 * bb} bytes, got {raw.numel()}")
+    if raw.numel() != n * k // block * bb:
+        raise ValueError(f"GGUF {name} tensor of shape ({n}, {k}) needs {n * k // block * bb} bytes, got {raw.numel()}")
+    if name in ggml.BLOCK_TYPES:
+        return QuantizedWeight(name, raw.reshape(-1).view(torch.uint8).reshape(n, -1), dtype=dtype)
     blocks = raw.reshape(-1).view(torch.uint8).reshape(-1, bb)
     d = _fp16_field(blocks, 0).reshape(n, k // 32)
     if name == "Q8_0":
         q = blocks[:, 2:].contiguous().view(torch.int8).reshape(n, k)
-        return QuantizedWeight(8, q, d.contiguous(), group_size=32, dtype=dtype)
+        return QuantizedWeight("int8", q, d.contiguous(), group_size=32, dtype=dtype)
     qs = blocks[:, bb - 16:]
     codes = torch.cat((qs & 0xF, qs >> 4), dim=1).reshape(n, k)
     if name == "Q4_0":
         d, m = _q4_0_offsets(d)
     else:
         m = _fp16_field(blocks, 2).reshape(n, k // 32)
-    return QuantizedWeight(4, int4_pack(codes), d.contiguous(), m.contiguous(), group_size=32, dtype=dtype)
+    return QuantizedWeight("int4", int4_pack(codes), d.contiguous(), m.contiguous(), group_size=32, dtype=dtype)
 
 
 # AWQ / GPTQ checkpoints store W^T (in_features K, out_features N) as 4-bit codes in int32 words, with fp16
@@ -314,7 +465,7 @@ def _from_zero_point(codes_kn, zeros, scales, dtype):
         raise ValueError(f"qzeros unpack to {tuple(zeros.shape)}, expected {tuple(scales.shape)}")
     s = scales.to(torch.float32)
     m = -zeros.to(torch.float32) * s
-    return QuantizedWeight(4, int4_pack(codes_kn.t()), s.t().contiguous(), m.t().contiguous(), group_size=g,
+    return QuantizedWeight("int4", int4_pack(codes_kn.t()), s.t().contiguous(), m.t().contiguous(), group_size=g,
                            dtype=dtype)
 
 

@@ -5,6 +5,8 @@ flashgen kernel. Statistics are computed in float32 at least, outputs returned i
 """
 import torch
 
+from . import ggml
+
 
 def _stat_dtype(t):
     return torch.float64 if t.dtype == torch.float64 else torch.float32
@@ -268,6 +270,21 @@ def int4_linear(x, qweight, scales, offsets, group_size, out_features, bias):
     """y = x @ W^T + bias with W the dequantized int4 weight (N, K); computed in float32 (float64 for float64 x)."""
     w = int4_dequantize(qweight, scales, offsets, group_size, out_features, x.shape[-1], _compute_dtype(x))
     return _linear(x, w, bias)
+
+
+def ggml_prepack(blocks, ggml_type, in_features):
+    """The GGML blocks themselves (a copy)."""
+    return blocks.clone()
+
+
+def ggml_dequantize(packed, ggml_type, out_features, in_features, dtype):
+    """The float32 values of the blocks (kernels/ggml.py, the file's values bit for bit), converted to dtype."""
+    return ggml.dequantize_rows(packed, ggml_type, in_features).to(dtype)
+
+
+def ggml_linear(x, packed, ggml_type, out_features, bias):
+    """y = x @ W^T + bias with W the dequantized GGML blocks (N, K); in float32 (float64 for float64 x)."""
+    return _linear(x, ggml_dequantize(packed, ggml_type, out_features, x.shape[-1], _compute_dtype(x)), bias)
 
 
 def int8_prepack(qweight, scales):

@@ -105,9 +105,11 @@ def test_step_errors(tiny_models):
     model.cache.seqlens[0] = model.cache.max_seq_len
     with pytest.raises(RuntimeError, match="no room"):
         model.decode(torch.tensor([5]))
-    with pytest.raises(RuntimeError, match="bits must be 0"):
-        torch.classes.flashgen.CpuLinear(3, False, [torch.zeros(2, 2)], None, 2, 2, 0)
+    with pytest.raises(RuntimeError, match="kind must be float, int4"):
+        torch.classes.flashgen.CpuLinear("int3", [torch.zeros(2, 2)], None, 2, 2, 0)
     with pytest.raises(RuntimeError, match="float32 CPU tensor of shape"):
-        torch.classes.flashgen.CpuLinear(0, False, [torch.zeros(2, 3)], None, 2, 2, 0)
+        torch.classes.flashgen.CpuLinear("float", [torch.zeros(2, 3)], None, 2, 2, 0)
     with pytest.raises(RuntimeError, match="group_size"):
-        torch.classes.flashgen.CpuLinear(4, False, [torch.zeros(1), torch.zeros(1), torch.zeros(1)], None, 64, 16, 48)
+        torch.classes.flashgen.CpuLinear("int4", [torch.zeros(1), torch.zeros(1), torch.zeros(1)], None, 64, 16, 48)
+    with pytest.raises(RuntimeError, match="GGML type 3 has no CPU kernel"):
+        torch.classes.flashgen.CpuLinear("ggml", [torch.zeros(1, dtype=torch.uint8)], None, 256, 16, 3)

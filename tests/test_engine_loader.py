@@ -64,7 +64,7 @@ def test_quantize_on_load(tiny_models, quant, group_size):  # noqa: F811
     divisible = [n for n in linears if quant == "int8" or f.get_submodule(n).in_features % group_size == 0]
     assert sorted(quantized) == sorted(divisible)
     for name, module in quantized.items():
-        assert module.weight.bits == (8 if quant == "int8" else 4)
+        assert module.weight.format.name == quant
         w = module.weight.dequantize(torch.float32)
         original = f.get_submodule(name).weight
         assert (w - original).abs().max() <= module.weight.scales.max() / 2 * 1.001 + 1e-7

@@ -144,7 +144,7 @@ def test_native_weights_are_exact(files):
     for i, qtype in enumerate(LAYER_TYPES):
         p = f"model.layers.{i}."
         wqkv = m.layers[i].attn.wqkv
-        assert isinstance(wqkv, QuantizedLinear) and wqkv.weight.bits == 4
+        assert isinstance(wqkv, QuantizedLinear) and wqkv.weight.format.name == "int4"
         qkv = torch.cat([exp[p + f"self_attn.{x}_proj.weight"] for x in "qkv"])
         assert torch.equal(wqkv.weight.dequantize(torch.float32), qkv)
         gate_up = torch.cat([exp[p + "mlp.gate_proj.weight"], exp[p + "mlp.up_proj.weight"]])

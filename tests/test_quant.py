@@ -140,7 +140,7 @@ def test_dequantize_op_is_exact(bits, group, dtype):
 def with_scale_dtype(qw, dtype):
     """qw with its scales (and offsets) converted to dtype."""
     conv = [t.to(dtype) if t is not None else None for t in (qw.scales, qw.offsets)]
-    return QuantizedWeight(qw.bits, qw.qweight, *conv, group_size=qw.group_size, shape=qw.shape, dtype=qw.dtype)
+    return QuantizedWeight(qw.format, qw.qweight, *conv, group_size=qw.group_size, shape=qw.shape, dtype=qw.dtype)
 
 
 def fp16_pair(bits, group, n, k):
@@ -219,7 +219,7 @@ def test_quantized_weight_save_load_and_to(tmp_path):
         path = str(tmp_path / "w.safetensors")
         qw.save(path)
         back = QuantizedWeight.load(path)
-        assert (back.bits, back.shape, back.group_size, back.dtype) == (qw.bits, qw.shape, qw.group_size, qw.dtype)
+        assert (back.format, back.shape, back.group_size, back.dtype) == (qw.format, qw.shape, qw.group_size, qw.dtype)
         assert [t.dtype for t in back.tensors()] == [t.dtype for t in qw.tensors()]
         assert torch.equal(back.dequantize(), qw.dequantize())
         moved = qw.to("meta")
@@ -326,7 +326,7 @@ def test_bad_inputs():
     qw = K.quantize_int4(w, 32)
     with pytest.raises(TypeError, match="QuantizedWeight"):
         K.int4_linear(torch.randn(2, 96), w)
-    with pytest.raises(ValueError, match="4-bit"):
+    with pytest.raises(ValueError, match="expected a int4 QuantizedWeight, got format int8"):
         K.int4_linear(torch.randn(2, 96), K.quantize_int8(w))
     f = torch.ops.flashgen
     with pytest.raises(RuntimeError, match="same in/out features"):
@@ -351,9 +351,9 @@ def test_bad_inputs():
     with pytest.raises(RuntimeError, match="scales"):
         f.int8_prepack(q8.qweight, torch.ones(16, 5))
     with pytest.raises(TypeError, match="offsets must be a tensor"):
-        QuantizedWeight(4, qw.qweight, qw.scales, None, group_size=32)
+        QuantizedWeight("int4", qw.qweight, qw.scales, None, group_size=32)
     with pytest.raises(ValueError, match="offsets must be None"):
-        QuantizedWeight(8, q8.qweight, q8.scales, q8.scales, group_size=None)
+        QuantizedWeight("int8", q8.qweight, q8.scales, q8.scales, group_size=None)
 
 
 def test_bad_scale_dtypes():
@@ -361,11 +361,11 @@ def test_bad_scale_dtypes():
     q8 = K.quantize_int8(torch.randn(16, 64))
     s16, m16 = qw.scales.half(), qw.offsets.half()
     with pytest.raises(TypeError, match="offsets must have the dtype of scales"):
-        QuantizedWeight(4, qw.qweight, s16, qw.offsets, group_size=32)
+        QuantizedWeight("int4", qw.qweight, s16, qw.offsets, group_size=32)
     with pytest.raises(TypeError, match="scales must be torch.float32 or torch.float16, got torch.bfloat16"):
-        QuantizedWeight(4, qw.qweight, qw.scales.bfloat16(), qw.offsets.bfloat16(), group_size=32)
+        QuantizedWeight("int4", qw.qweight, qw.scales.bfloat16(), qw.offsets.bfloat16(), group_size=32)
     with pytest.raises(TypeError, match="scales must be torch.float32 or torch.float16, got torch.float64"):
-        QuantizedWeight(8, q8.qweight, q8.scales.double())
+        QuantizedWeight("int8", q8.qweight, q8.scales.double())
     f = torch.ops.flashgen
     with pytest.raises(RuntimeError, match="int4_prepack: offsets must have the dtype of scales"):
         f.int4_prepack(qw.qweight, s16, qw.offsets, 32)

@@ -18,21 +18,21 @@ def test_gguf_bit_exact(name, monkeypatch):
     raw = gguf_quants.quantize(w, qtype)
     expect = torch.from_numpy(gguf_quants.dequantize(raw, qtype).astype(np.float32))
     qw = from_gguf(raw, qtype, (n, k))
-    assert qw.bits == (8 if name == "Q8_0" else 4) and qw.group_size == 32
+    assert qw.format.name == ("int8" if name == "Q8_0" else "int4") and qw.group_size == 32
     # the block scales (and Q4_1's mins, Q4_0's -8d) stay float16, as stored
-    assert [t.dtype for t in qw.tensors()[1:]] == [torch.float16] * (2 if qw.bits == 4 else 1)
-    assert [t.dtype for t in qw.packed()[1:]] == [torch.float16] * (2 if qw.bits == 4 else 1)
+    assert [t.dtype for t in qw.tensors()[1:]] == [torch.float16] * (2 if qw.format.name == "int4" else 1)
+    assert [t.dtype for t in qw.packed()[1:]] == [torch.float16] * (2 if qw.format.name == "int4" else 1)
     assert torch.equal(qw.dequantize(torch.float32), expect)
     assert torch.equal(from_gguf(raw.tobytes(), name, (n, k)).dequantize(torch.float32), expect)
     # and through the CPU kernels' layout
-    if qw.bits == 4:
+    if qw.format.name == "int4":
         got = torch.ops.flashgen.int4_dequantize(*qw.packed(), 32, n, k, torch.float32)
     else:
         got = torch.ops.flashgen.int8_dequantize(*qw.packed(), n, k, torch.float32)
     assert torch.equal(got, expect)
     # the CPU linears give what float32 scales of the same values give, on both ISA paths
-    full = QuantizedWeight(qw.bits, qw.qweight, *(t.float() for t in qw.tensors()[1:]), group_size=32)
-    linears = [K.int4_linear] if qw.bits == 4 else [K.int8_linear, K.int8_linear_dynamic]
+    full = QuantizedWeight(qw.format, qw.qweight, *(t.float() for t in qw.tensors()[1:]), group_size=32)
+    linears = [K.int4_linear] if qw.format.name == "int4" else [K.int8_linear, K.int8_linear_dynamic]
     x = torch.randn(5, k)
     for isa in ("vnni", "avx2"):
         monkeypatch.setenv("FLASHGEN_QUANT_ISA", isa)
@@ -57,7 +57,7 @@ def test_gguf_bad_input():
     with pytest.raises(ValueError, match="needs 108 bytes, got 72"):
         from_gguf(raw, "Q4_0", (3, 64))
     with pytest.raises(ValueError, match="ggml_type"):
-        from_gguf(raw, "Q5_K", (2, 64))
+        from_gguf(raw, "IQ2_XS", (2, 64))
     with pytest.raises(ValueError, match="multiple of the block size"):
         from_gguf(raw, "Q4_0", (2, 48))
 

@@ -19,6 +19,7 @@
 #include <string>
 
 #include "cpu/attention.h"
+#include "cpu/ggml.h"
 #include "cpu/norm.h"
 #include "cpu/quant.h"
 
@@ -35,46 +36,98 @@ void check_f32(const at::Tensor& t, const char* name, at::IntArrayRef shape) {
               " ", t.sizes(), " on ", t.device());
 }
 
-// y = x W^T + b over float32 rows; W float32 (out, in) or prepacked int4 / int8 (quant.h), b float32.
+// y = x W^T + b over float32 rows; W float32 (out, in) or prepacked in a quantized format (kernels/quant.py's
+// QuantFormat.cpu_linear: "int4", "int8", "int8_dynamic", "ggml" with its type), b float32. A linear may stack
+// parts of different formats along its outputs (a fused projection whose checkpoint tensors differ in type,
+// such as Q4_K q, k with a Q6_K v): each part computes its columns.
 struct CpuLinear : torch::CustomClassHolder {
-  int64_t bits, in, out, group;
-  bool dynamic;
-  std::vector<at::Tensor> w;  // float: {W}; int4: {qweight, scales, offsets}; int8: {qweight, scales}
+  enum Kind { kFloat, kInt4, kInt8, kInt8Dynamic, kGgml };
+  struct Part {
+    Kind kind;
+    int64_t out, param;  // param: int4 group size, GGML type
+    std::vector<at::Tensor> w;  // float: {W}; int4: {qweight, scales, offsets}; int8: {qweight, scales}; ggml: {packed}
+  };
+  int64_t in, out = 0;
+  std::vector<Part> parts;
   at::Tensor bias;
 
-  CpuLinear(int64_t bits, bool dynamic, std::vector<at::Tensor> weight, std::optional<at::Tensor> b,
-            int64_t in_features, int64_t out_features, int64_t group_size)
-      : bits(bits), in(in_features), out(out_features), group(group_size), dynamic(dynamic), w(std::move(weight)) {
-    const char* op = "flashgen.CpuLinear";
-    TORCH_CHECK(bits == 0 || bits == 4 || bits == 8, op, ": bits must be 0 (float32), 4 or 8, got ", bits);
-    TORCH_CHECK(!dynamic || bits == 8, op, ": dynamic activation quantization (W8A8) needs 8-bit weights");
-    const size_t want = bits == 0 ? 1 : bits == 4 ? 3 : 2;
-    TORCH_CHECK(w.size() == want, op, ": bits=", bits, " takes ", want, " weight tensors, got ", w.size());
-    if (bits == 0)
-      check_f32(w[0], "a float linear's weight", {out, in});
-    else if (bits == 4)
-      quant::check_int4_packed(op, w[0], w[1], w[2], in, out, group);
-    else
-      quant::check_int8_packed(op, w[0], w[1], in, out);
+  CpuLinear(const std::string& kind, std::vector<at::Tensor> weight, std::optional<at::Tensor> b, int64_t in_features,
+            int64_t out_features, int64_t param)
+      : in(in_features) {
+    add_part(kind, std::move(weight), out_features, param);
     if (b) {
-      quant::check_bias(*b, out, op);
+      quant::check_bias(*b, out, "flashgen.CpuLinear");
       bias = b->to(at::kFloat).contiguous();
     }
   }
 
+  // Appends `other`'s outputs after ours (other without bias, same in_features).
+  void stack(const c10::intrusive_ptr<CpuLinear>& other) {
+    const char* op = "flashgen.CpuLinear.stack";
+    TORCH_CHECK(other->in == in, op, ": in_features differ (", in, " vs ", other->in, ")");
+    TORCH_CHECK(!other->bias.defined() && !bias.defined(), op, ": stacked parts take no bias (set it on the stack)");
+    for (const Part& p : other->parts) parts.push_back(p);
+    out += other->out;
+  }
+
+  void set_bias(const at::Tensor& b) {
+    quant::check_bias(b, out, "flashgen.CpuLinear.set_bias");
+    bias = b.to(at::kFloat).contiguous();
+  }
+
   void run(const float* x, int64_t m, float* y, quant::ActScratch& scratch) const {
-    if (bits == 4) {
-      quant::int4_linear_rows(x, m, in, w[0], w[1], w[2], group, out, y, scratch);
-    } else if (bits == 8) {
-      quant::int8_linear_rows(x, m, in, w[0], w[1], out, dynamic, y, scratch);
+    if (parts.size() == 1) {
+      run_part(parts[0], x, m, y, scratch);
     } else {
-      at::Tensor y_t = at::from_blob(y, {m, out});
-      at::mm_out(y_t, at::from_blob(const_cast<float*>(x), {m, in}), w[0].t());
+      std::vector<float> tmp;
+      int64_t col = 0;
+      for (const Part& p : parts) {
+        tmp.resize(m * p.out);
+        run_part(p, x, m, tmp.data(), scratch);
+        for (int64_t r = 0; r < m; ++r) std::copy_n(&tmp[r * p.out], p.out, y + r * out + col);
+        col += p.out;
+      }
     }
     if (bias.defined()) {
       const float* b = bias.data_ptr<float>();
       for (int64_t r = 0; r < m; ++r)
         for (int64_t j = 0; j < out; ++j) y[r * out + j] += b[j];
+    }
+  }
+
+ private:
+  void add_part(const std::string& kind_name, std::vector<at::Tensor> w, int64_t n, int64_t param) {
+    const char* op = "flashgen.CpuLinear";
+    const Kind kind = kind_name == "float" ? kFloat : kind_name == "int4" ? kInt4 : kind_name == "int8" ? kInt8
+                      : kind_name == "int8_dynamic" ? kInt8Dynamic : kind_name == "ggml" ? kGgml : Kind(-1);
+    TORCH_CHECK(kind != Kind(-1), op, ": kind must be float, int4, int8, int8_dynamic or ggml, got ", kind_name);
+    const size_t want = kind == kInt4 ? 3 : kind == kInt8 || kind == kInt8Dynamic ? 2 : 1;
+    TORCH_CHECK(w.size() == want, op, ": kind ", kind_name, " takes ", want, " weight tensors, got ", w.size());
+    if (kind == kFloat)
+      check_f32(w[0], "a float linear's weight", {n, in});
+    else if (kind == kInt4)
+      quant::check_int4_packed(op, w[0], w[1], w[2], in, n, param);
+    else if (kind == kGgml)
+      quant::ggml::check_packed(op, w[0], param, in, n);
+    else
+      quant::check_int8_packed(op, w[0], w[1], in, n);
+    parts.push_back({kind, n, param, std::move(w)});
+    out += n;
+  }
+
+  void run_part(const Part& p, const float* x, int64_t m, float* y, quant::ActScratch& scratch) const {
+    switch (p.kind) {
+      case kInt4:
+        return quant::int4_linear_rows(x, m, in, p.w[0], p.w[1], p.w[2], p.param, p.out, y, scratch);
+      case kInt8:
+      case kInt8Dynamic:
+        return quant::int8_linear_rows(x, m, in, p.w[0], p.w[1], p.out, p.kind == kInt8Dynamic, y, scratch);
+      case kGgml:
+        return quant::ggml::linear_rows(x, m, in, p.w[0], p.param, p.out, y, scratch);
+      case kFloat: {
+        at::Tensor y_t = at::from_blob(y, {m, p.out});
+        at::mm_out(y_t, at::from_blob(const_cast<float*>(x), {m, in}), p.w[0].t());
+      }
     }
   }
 };
@@ -355,8 +408,9 @@ struct CpuDecoder : torch::CustomClassHolder {
 
 TORCH_LIBRARY_FRAGMENT(flashgen, m) {
   m.class_<CpuLinear>("CpuLinear")
-      .def(torch::init<int64_t, bool, std::vector<at::Tensor>, std::optional<at::Tensor>, int64_t, int64_t,
-                       int64_t>());
+      .def(torch::init<std::string, std::vector<at::Tensor>, std::optional<at::Tensor>, int64_t, int64_t, int64_t>())
+      .def("stack", &CpuLinear::stack)
+      .def("set_bias", &CpuLinear::set_bias);
   m.class_<CpuDecoder>("CpuDecoder")
       .def(torch::init<c10::Dict<std::string, int64_t>, c10::Dict<std::string, double>, at::Tensor, at::Tensor,
                        at::Tensor, at::Tensor, at::Tensor, at::Tensor>())

@@ -4,6 +4,7 @@
 #include <torch/extension.h>
 
 #include "cpu/cpu_features.h"
+#include "cpu/ggml.h"
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "flashgen CPU kernels (registered as flashgen::* ops for the CPU dispatch key)";
@@ -15,4 +16,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
                                        {"avx512_bf16", has_avx512_bf16()}};
   });
   m.def("omp_max_threads", [] { return omp_get_max_threads(); });
+  // The CPU layout's bytes per (16-row tile, super-block) of a GGML type (the prepack op's fake shapes).
+  m.def("ggml_tile_bytes", [](int64_t type) { return flashgen::cpu::quant::ggml::kind_of(type, "ggml_tile_bytes").tile_bytes(); });
 }

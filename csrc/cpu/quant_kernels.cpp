@@ -18,8 +18,8 @@
 #include <type_traits>
 
 #include "cpu/cpu_features.h"
-#include "cpu/parallel.h"
 #include "cpu/quant.h"
+#include "cpu/tile_driver.h"
 
 // GCC 12 reports the AVX-512 intrinsics' internal undefined vectors as maybe-uninitialized (a false positive).
 #pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
@@ -31,15 +31,6 @@ namespace {
 // for AVX2, 32 zmm for AVX-512). The int4 VNNI step takes two tiles x 4 rows (measured: 7-9% faster prefill
 // than one tile x 8 rows, as the broadcasts halve; 2 x 6 or 3 x 3 were slower).
 constexpr int kAvx2Rows = 4, kVnniRows = 8, kVnniTiles = 2, kInt4VnniRows = kVnniRows / kVnniTiles;
-constexpr int64_t kRowChunk = 64;  // rows whose int8 activations stay in L2 while all tiles stream past
-constexpr int64_t kMinTask = int64_t{1} << 18;  // multiply-adds per thread task (smaller work stays on one thread)
-constexpr int64_t kMinItem = int64_t{1} << 21;  // multiply-adds per work item taken in turn (see run_tiles)
-
-inline int32_t load4(const int8_t* p) {
-  int32_t v;
-  std::memcpy(&v, p, 4);
-  return v;
-}
 
 // ---------------------------------------------------------------- AVX-512 VNNI
 // 16 scales (or offsets) as float32
@@ -226,73 +217,6 @@ void int8_tile_avx2(const QuantActs& x, const int8_t* w, const S* sc, int64_t sb
     }
     for (int r = 0; r < R; ++r) _mm256_storeu_ps(out + r * ldo + h * 8, acc[r]);
   }
-}
-
-// ---------------------------------------------------------------- drivers
-// f(std::integral_constant<int, rows>) for 1 <= rows <= MaxR.
-template <int MaxR, class F>
-void with_rows(int rows, F&& f) {
-  if constexpr (MaxR > 1)
-    if (rows < MaxR) return with_rows<MaxR - 1>(rows, f);
-  f(std::integral_constant<int, MaxR>{});
-}
-
-QuantActs offset(const QuantActs& x, int64_t row) {
-  QuantActs y = x;
-  y.a += row * x.a_stride;
-  y.d += row * x.d_stride;
-  if (x.xsum) y.xsum += row * x.xsum_stride;
-  return y;
-}
-
-// Tiles [t0, t1) (output features) for rows [m0, m1), C at a time (t0 a multiple of C): tile(t, NT, x_rows, R,
-// dst, ld) writes the R x 16 NT outputs of tiles t .. t + NT - 1 to dst with row stride ld (NT < C only at the
-// end of the matrix).
-template <int MaxR, int C, class Tile>
-void tile_span(const QuantActs& x, int64_t m0, int64_t m1, int64_t t0, int64_t t1, int64_t n, float* out,
-               Tile& tile) {
-  alignas(64) float buf[MaxR * C * kTileRows];
-  for (int64_t t = t0; t < t1; t += C) {
-    const int nt = static_cast<int>(std::min<int64_t>(C, t1 - t));
-    const int64_t cols = std::min(nt * kTileRows, n - t * kTileRows);
-    for (int64_t r0 = m0; r0 < m1; r0 += MaxR) {
-      const int rows = static_cast<int>(std::min<int64_t>(MaxR, m1 - r0));
-      float* dst = out + r0 * n + t * kTileRows;
-      with_rows<C>(nt, [&](auto NT) {
-        with_rows<MaxR>(rows, [&](auto R) {
-          if (cols == NT * kTileRows) {  // whole tiles: straight into the output rows
-            tile(t, NT, offset(x, r0), R, dst, n);
-            return;
-          }
-          tile(t, NT, offset(x, r0), R, buf, NT * kTileRows);
-          for (int r = 0; r < rows; ++r) std::memcpy(dst + r * n, buf + r * NT * kTileRows, cols * sizeof(float));
-        });
-      });
-    }
-  }
-}
-
-// Up to kRowChunk rows (a decode step, a short prompt): the threads split the tiles evenly, once. More rows:
-// the work is cut into items of kRowChunk rows (whose int8 activations stay in L2 while tiles stream past)
-// x a few tiles, which the threads take in turn (parallel.h), row chunk by row chunk.
-template <int MaxR, int C, class Tile>
-void run_tiles(const QuantActs& x, int64_t m, int64_t n, int64_t kb, float* out, Tile&& tile) {
-  const int64_t n_tiles = tiles(n), tile_work = kTileRows * kb * kBlock;  // multiply-adds per row per tile
-  const int64_t units = (n_tiles + C - 1) / C;
-  if (m <= kRowChunk) {
-    at::parallel_for(0, units, std::max<int64_t>(1, kMinTask / (m * C * tile_work)), [&](int64_t u0, int64_t u1) {
-      tile_span<MaxR, C>(x, 0, m, u0 * C, std::min(n_tiles, u1 * C), n, out, tile);
-    });
-    return;
-  }
-  const int64_t per_item = C * std::clamp<int64_t>(kMinItem / (kRowChunk * C * tile_work), 1, units);
-  const int64_t row_items = (n_tiles + per_item - 1) / per_item, items = (m + kRowChunk - 1) / kRowChunk * row_items;
-  in_turn(items, [&](auto take) {
-    for (int64_t i = take(); i < items; i = take()) {
-      const int64_t m0 = i / row_items * kRowChunk, t0 = i % row_items * per_item;
-      tile_span<MaxR, C>(x, m0, std::min(m, m0 + kRowChunk), t0, std::min(n_tiles, t0 + per_item), n, out, tile);
-    }
-  });
 }
 
 }  // namespace

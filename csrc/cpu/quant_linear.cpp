@@ -10,6 +10,8 @@
 // - int8_linear_dynamic (W8A8): x is quantized per row (d = max|x| / 127, the same float32 operations as
 //   reference.quantize_rows_int8, so the codes are identical) and the row's products accumulate in int32;
 //   with per-block weight scales each block's int32 sum is scaled and accumulated in float32.
+// - ggml_linear (GGUF block types, ggml.h): x quantized per block of 32 as for int4; the codes' integer products
+//   are scaled per sub-block in float32 (ggml_kernels.cpp), so the same bound holds.
 // The result is returned in x's dtype. Threads: OpenMP over output features (tiles of 16).
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
@@ -23,6 +25,7 @@
 #include <optional>
 
 #include "cpu/cpu_features.h"
+#include "cpu/ggml.h"
 #include "cpu/quant.h"
 
 namespace flashgen::cpu::quant {
@@ -269,9 +272,23 @@ at::Tensor int8_linear_dynamic_cpu(const at::Tensor& x, const at::Tensor& qweigh
   return int8_linear_impl(x, qweight, scales, out_features, bias, true, "flashgen::int8_linear_dynamic");
 }
 
+at::Tensor ggml_linear_cpu(const at::Tensor& x, const at::Tensor& packed, int64_t type, int64_t out_features,
+                           const std::optional<at::Tensor>& bias) {
+  const char* op = "flashgen::ggml_linear";
+  check_x(x, op);
+  ggml::check_packed(op, packed, type, x.size(-1), out_features);
+  const at::Tensor xf = flat_float(x);
+  at::Tensor y = at::empty({xf.size(0), out_features}, xf.options());
+  ActScratch scratch;
+  ggml::linear_rows(xf.data_ptr<float>(), xf.size(0), xf.size(1), packed, type, out_features, y.data_ptr<float>(),
+                    scratch);
+  return finish(y, x, bias, out_features, op);
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(flashgen, CPU, m) {
+  m.impl("ggml_linear", &ggml_linear_cpu);
   m.impl("int4_linear", &int4_linear_cpu);
   m.impl("int8_linear", &int8_linear_cpu);
   m.impl("int8_linear_dynamic", &int8_linear_dynamic_cpu);

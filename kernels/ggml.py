@@ -1,0 +1,179 @@
+"""GGML block types (the tensor types of GGUF files): their layouts and reference dequantizers in PyTorch.
+
+A weight row of K values is K / block blocks of `block_bytes` bytes each, as llama.cpp's ggml-common.h defines
+them. Each dequantizer maps uint8 blocks (B, block_bytes) to float32 values (B, block) with the operations, in
+the order, of ggml's and gguf-py's dequantizers (float16 fields widened to float32 exactly; integer scales times
+the float16 scale are exact in float32), so the values are the file's, bit for bit. Q4_0 / Q4_1 / Q8_0 map
+losslessly onto the int4 / int8 formats (kernels/quant.py `from_gguf`); the others stay in their blocks
+(QuantizedWeight format "ggml"), which each device prepacks for its kernels (`flashgen::ggml_prepack`).
+
+K-quants (Q2_K .. Q6_K, IQ4_XS) are super-blocks of 256 values in sub-blocks of 16 or 32, each with a small
+integer scale (and min) under float16 super-block scales d (and dmin):  w = d * sc_j * q - dmin * m_j.
+"""
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+
+@dataclass(frozen=True)
+class BlockType:
+    name: str
+    type_id: int  # ggml_type / gguf.GGMLQuantizationType
+    block: int  # values per block
+    block_bytes: int
+    dequantize: Callable  # uint8 (B, block_bytes) -> float32 (B, block)
+    cpu_kernel: bool  # csrc/cpu/ggml.h computes it natively (else a CPU model dequantizes it at load)
+
+    def row_bytes(self, k):
+        return k // self.block * self.block_bytes
+
+
+def _f16(b, at):
+    """The float16 field at byte `at` of each block, as float32 (B, 1)."""
+    return b[:, at:at + 2].contiguous().view(torch.float16).to(torch.float32)
+
+
+def _u32(b, at):
+    return b[:, at:at + 4].contiguous().view(torch.int32).to(torch.int64) & 0xFFFFFFFF
+
+
+def _nibbles(qs):
+    """(B, n) bytes -> (B, 2n) int64: the n low nibbles, then the n high nibbles."""
+    qs = qs.to(torch.int64)
+    return torch.cat((qs & 0xF, qs >> 4), dim=1)
+
+
+def _bits(word, count):
+    """(B, 1) int64 -> (B, count) its low `count` bits."""
+    return (word >> torch.arange(count, device=word.device)) & 1
+
+
+def _per(values, size):
+    """(B, S) per-sub-block values repeated over sub-blocks of `size`."""
+    return values.repeat_interleave(size, dim=1)
+
+
+def _q5_0(b):  # d, qh[4], qs[16]: w = d (q - 16)
+    q = _nibbles(b[:, 6:]) | (_bits(_u32(b, 2), 32) << 4)
+    return _f16(b, 0) * (q - 16).to(torch.float32)
+
+
+def _q5_1(b):  # d, m, qh[4], qs[16]: w = d q + m
+    q = _nibbles(b[:, 8:]) | (_bits(_u32(b, 4), 32) << 4)
+    return _f16(b, 0) * q.to(torch.float32) + _f16(b, 2)
+
+
+def _scale_min_k4(s):
+    """Q4_K / Q5_K: 8 6-bit scales and mins packed in 12 bytes (B, 12) -> (B, 8), (B, 8) float32."""
+    s = s.to(torch.int64)
+    lo_sc, lo_mn = s[:, 0:4] & 63, s[:, 4:8] & 63
+    hi_sc = (s[:, 8:12] & 0xF) | ((s[:, 0:4] >> 6) << 4)
+    hi_mn = (s[:, 8:12] >> 4) | ((s[:, 4:8] >> 6) << 4)
+    return torch.cat((lo_sc, hi_sc), 1).to(torch.float32), torch.cat((lo_mn, hi_mn), 1).to(torch.float32)
+
+
+def _k_quant(b, q, sc, mn, sub):
+    """d * sc_j * q - dmin * m_j for Q2_K / Q4_K / Q5_K (d, dmin the first two float16 fields)."""
+    d, dmin = _f16(b, 0), _f16(b, 2)
+    return _per(d * sc, sub) * q.to(torch.float32) - _per(dmin * mn, sub)
+
+
+def _q4_k(b):  # d, dmin, scales[12], qs[128]: 64 values per 32 bytes, low nibbles then high
+    sc, mn = _scale_min_k4(b[:, 4:16])
+    q = torch.cat([_nibbles(b[:, 16 + 32 * i:48 + 32 * i]) for i in range(4)], 1)
+    return _k_quant(b, q, sc, mn, 32)
+
+
+def _q5_k(b):  # d, dmin, scales[12], qh[32], qs[128]: bit 2i + h of qh[l] is the 5th bit of value 64i + 32h + l
+    sc, mn = _scale_min_k4(b[:, 4:16])
+    qh = b[:, 16:48].to(torch.int64)
+    q = torch.cat([_nibbles(b[:, 48 + 32 * i:80 + 32 * i])
+                   | (torch.cat(((qh >> (2 * i)) & 1, (qh >> (2 * i + 1)) & 1), 1) << 4) for i in range(4)], 1)
+    return _k_quant(b, q, sc, mn, 32)
+
+
+def _two_bit_groups(qs, count):
+    """(B, 32 n) bytes -> (B, 128 n): per 32 bytes, bits 0-1 of all, then bits 2-3, 4-5, 6-7 (Q2_K, Q3_K)."""
+    qs = qs.to(torch.int64)
+    return torch.cat([(qs[:, 32 * c:32 * c + 32] >> (2 * j)) & 3 for c in range(count) for j in range(4)], 1)
+
+
+def _q2_k(b):  # scales[16] (scale | min << 4), qs[64], d, dmin
+    s = b[:, 0:16].to(torch.int64)
+    q = _two_bit_groups(b[:, 16:80], 2)
+    d, dmin = _f16(b, 80), _f16(b, 82)
+    return _per(d * (s & 0xF).to(torch.float32), 16) * q.to(torch.float32) - _per(dmin * (s >> 4).to(torch.float32), 16)
+
+
+def _q3_k(b):  # hmask[32], qs[64], scales[12] (16 6-bit scales), d: w = d (sc - 32) (q2 + 4 h - 4)
+    s = b[:, 96:108].to(torch.int64)
+    i = torch.arange(16, device=b.device)
+    sc = ((s[:, i % 8] >> (4 * (i // 8))) & 0xF) | (((s[:, 8 + i % 4] >> (2 * (i // 4))) & 3) << 4)
+    hm = b[:, 0:32].to(torch.int64)
+    h = torch.cat([(hm >> j) & 1 for j in range(8)], 1)  # value 32 j + l takes bit j of hmask[l]
+    q = _two_bit_groups(b[:, 32:96], 2) + 4 * h - 4
+    return _per(_f16(b, 108) * (sc - 32).to(torch.float32), 16) * q.to(torch.float32)
+
+
+def _q6_k(b):  # ql[128], qh[64], scales int8[16], d: w = d sc_j (q - 32), sub-blocks of 16
+    ql, qh = b[:, 0:128].to(torch.int64), b[:, 128:192].to(torch.int64)
+    parts = []
+    for n in range(2):
+        lo, hi = ql[:, 64 * n:64 * n + 64], qh[:, 32 * n:32 * n + 32]
+        for t in range(4):
+            nib = (lo[:, 32 * (t % 2):32 * (t % 2) + 32] >> (4 * (t // 2))) & 0xF
+            parts.append(nib | (((hi >> (2 * t)) & 3) << 4))
+    q = torch.cat(parts, 1) - 32
+    sc = b[:, 192:208].contiguous().view(torch.int8).to(torch.float32)
+    return _per(_f16(b, 208) * sc, 16) * q.to(torch.float32)
+
+
+IQ4_VALUES = (-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113)  # kvalues_iq4nl
+
+
+def _iq4(codes):
+    return torch.tensor(IQ4_VALUES, dtype=torch.float32, device=codes.device)[codes]
+
+
+def _iq4_nl(b):  # d, qs[16]: w = d kvalues[q]
+    return _f16(b, 0) * _iq4(_nibbles(b[:, 2:18]))
+
+
+def _iq4_xs(b):  # d, scales_h u16, scales_l[4], qs[128]: 8 sub-blocks of 32, w = d (ls - 32) kvalues[q]
+    i = torch.arange(8, device=b.device)
+    sl = b[:, 4:8].to(torch.int64)
+    sh = b[:, 2:4].contiguous().view(torch.int16).to(torch.int64) & 0xFFFF
+    ls = ((sl[:, i // 2] >> (4 * (i % 2))) & 0xF) | (((sh >> (2 * i)) & 3) << 4)
+    q = torch.cat([_nibbles(b[:, 8 + 16 * j:24 + 16 * j]) for j in range(8)], 1)
+    return _per(_f16(b, 0) * (ls - 32).to(torch.float32), 32) * _iq4(q)
+
+
+BLOCK_TYPES = {t.name: t for t in (
+    BlockType("Q5_0", 6, 32, 22, _q5_0, True),
+    BlockType("Q5_1", 7, 32, 24, _q5_1, True),
+    BlockType("Q2_K", 10, 256, 84, _q2_k, False),
+    BlockType("Q3_K", 11, 256, 110, _q3_k, True),
+    BlockType("Q4_K", 12, 256, 144, _q4_k, True),
+    BlockType("Q5_K", 13, 256, 176, _q5_k, True),
+    BlockType("Q6_K", 14, 256, 210, _q6_k, True),
+    BlockType("IQ4_NL", 20, 32, 18, _iq4_nl, False),
+    BlockType("IQ4_XS", 23, 256, 136, _iq4_xs, False),
+)}
+BY_ID = {t.type_id: t for t in BLOCK_TYPES.values()}
+
+
+def block_type(name_or_id):
+    """The BlockType of a name ("Q4_K") or a GGML type id (12); ValueError naming the supported ones."""
+    found = BY_ID.get(name_or_id) if isinstance(name_or_id, int) else BLOCK_TYPES.get(getattr(name_or_id, "name",
+                                                                                              name_or_id))
+    if found is None:
+        raise ValueError(f"ggml_type must be one of {sorted(BLOCK_TYPES)} (or their type ids), got {name_or_id!r}")
+    return found
+
+
+def dequantize_rows(blocks, type_id, in_features):
+    """uint8 blocks (N, K / block * block_bytes) -> float32 (N, K)."""
+    t = block_type(type_id)
+    n = blocks.shape[0]
+    return t.dequantize(blocks.reshape(-1, t.block_bytes)).reshape(n, in_features)

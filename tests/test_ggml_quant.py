@@ -1,0 +1,164 @@
+"""GGML block types (kernels/ggml.py, csrc/cpu/ggml*.{h,cpp}): reference dequantizers bit for bit against
+gguf-py's, the CPU prepack lossless, and ggml_linear against the float64 product of the int8-rounded
+activations, for every CPU type, odd out_features, every row-count class and both ISAs."""
+import numpy as np
+import pytest
+import torch
+
+from flashgen.kernels import ggml, ggml_linear, int4_linear
+from flashgen.kernels.quant import QuantizedWeight, from_gguf
+
+gguf = pytest.importorskip("gguf")
+CPU_TYPES = [t.name for t in ggml.BLOCK_TYPES.values() if t.cpu_kernel]
+# Byte offsets of each type's float16 fields (scales d, dmin / m): random bytes there could be inf or NaN.
+HALF_FIELDS = {"Q5_0": (0,), "Q5_1": (0, 2), "Q2_K": (80, 82), "Q3_K": (108,), "Q4_K": (0, 2), "Q5_K": (0, 2),
+               "Q6_K": (208,), "IQ4_NL": (0,), "IQ4_XS": (0,)}
+
+
+def random_blocks(name, count, gen):
+    """`count` blocks of type `name` with random codes and sub-block scales (every bit pattern is a valid one)
+    and random finite float16 super-block scales."""
+    t = ggml.BLOCK_TYPES[name]
+    blocks = torch.randint(0, 256, (count, t.block_bytes), dtype=torch.uint8, generator=gen)
+    for at in HALF_FIELDS[name]:
+        scale = (torch.rand(count, generator=gen) * 0.02 + 1e-3).to(torch.float16)
+        blocks[:, at:at + 2] = scale.view(torch.uint8).reshape(count, 2)
+    return blocks
+
+
+def random_weight(name, n, k, seed):
+    t = ggml.BLOCK_TYPES[name]
+    blocks = random_blocks(name, n * k // t.block, torch.Generator().manual_seed(seed))
+    return QuantizedWeight(name, blocks.reshape(n, -1))
+
+
+@pytest.mark.parametrize("name", sorted(ggml.BLOCK_TYPES))
+def test_dequantize_matches_gguf_bit_for_bit(name):
+    t = ggml.BLOCK_TYPES[name]
+    blocks = random_blocks(name, 97, torch.Generator().manual_seed(t.type_id))
+    want = gguf.quants.dequantize(blocks.numpy(), gguf.GGMLQuantizationType[name]).reshape(97, t.block)
+    got = t.dequantize(blocks)
+    assert got.dtype == torch.float32
+    assert np.array_equal(got.numpy().view(np.uint32), want.astype(np.float32).view(np.uint32))
+
+
+@pytest.mark.parametrize("name", CPU_TYPES)
+def test_cpu_prepack_is_lossless(name):
+    t = ggml.BLOCK_TYPES[name]
+    n, k = 37, 2 * max(t.block, 64)  # a partial tile of 16 rows
+    w = random_weight(name, n, k, seed=1)
+    packed = w.packed()
+    assert len(packed) == 1 and packed[0].dtype == torch.uint8
+    streamed = packed[0].numel() / ((n + 15) // 16 * 16)
+    assert streamed <= 1.05 * t.row_bytes(k), "the kernels stream at most 5% more than the file per weight row"
+    full = torch.ops.flashgen.ggml_dequantize(packed[0], t.type_id, n, k, torch.float32)
+    assert torch.equal(full, w.dequantize(torch.float32))
+
+
+def rounded_activations(x):
+    """x rounded as the CPU kernels round it: per block of 32, d = max|x| / 127, a = round(x * 127 / max|x|)."""
+    m, k = x.shape
+    blocks = x.reshape(m, k // 32, 32)
+    amax = blocks.abs().amax(-1, keepdim=True)
+    # torch's `127 / t` is 127 * (1 / t), rounded twice: divide as the kernels do
+    inv = torch.where(amax > 0, torch.full_like(amax, 127) / amax, torch.zeros_like(amax))
+    return ((blocks * inv).round() * (amax / 127)).reshape(m, k)
+
+
+@pytest.mark.parametrize("isa", ["vnni", "avx2"])
+@pytest.mark.parametrize("name", CPU_TYPES)
+def test_linear_matches_float64_product_of_rounded_activations(name, isa, monkeypatch):
+    from flashgen.kernels import _backend
+
+    if isa == "vnni" and not _backend.C.cpu_features()["avx512_vnni"]:
+        pytest.skip("no AVX-512 VNNI on this machine")
+    if isa == "avx2":
+        monkeypatch.setenv("FLASHGEN_QUANT_ISA", "avx2")
+    t = ggml.BLOCK_TYPES[name]
+    n, k = 45, 2 * t.block if t.block == 256 else 96
+    w = random_weight(name, n, k, seed=2)
+    dense = w.dequantize(torch.float64)
+    bias = torch.randn(n)
+    for m in (1, 3, 4, 5, 8, 70):  # one row, partial and whole row steps, past one chunk of 64 rows
+        x = torch.randn(m, k)
+        y = ggml_linear(x, w, bias)
+        want = rounded_activations(x).double() @ dense.T + bias.double()
+        scale = rounded_activations(x).double().abs() @ dense.abs().T + 1e-6
+        err = ((y.double() - want).abs() / scale).max().item()
+        assert err < 1e-5, f"{name} {isa} m={m}: relative error {err}"
+        # and against the exact float product, within the activation rounding bound sum_k |W| d / 2
+        d = x.reshape(m, -1, 32).abs().amax(-1).repeat_interleave(32, 1).double() / 127
+        bound = (d / 2) @ dense.abs().T * 1.001 + 1e-4
+        assert ((y.double() - (x.double() @ dense.T + bias.double())).abs() <= bound).all()
+
+
+@pytest.mark.parametrize("name", CPU_TYPES)
+def test_linear_of_one_hot_rows_reads_every_weight(name):
+    """x = I: each output is one weight times the rounded 1, so a misplaced code or scale shows at its place."""
+    t = ggml.BLOCK_TYPES[name]
+    w = random_weight(name, 19, 2 * t.block, seed=9)
+    y = ggml_linear(torch.eye(w.in_features), w)
+    assert torch.allclose(y.T.double(), w.dequantize(torch.float64), rtol=1e-6, atol=1e-6)
+
+
+def test_linear_batch_rows_are_independent():
+    """A row's result does not depend on the rows computed beside it (batch invariance)."""
+    w = random_weight("Q4_K", 33, 512, seed=3)
+    x = torch.randn(70, 512)
+    alone = torch.cat([ggml_linear(x[i:i + 1], w) for i in range(70)])
+    assert torch.equal(ggml_linear(x, w), alone)
+
+
+def test_linear_gradient_and_opcheck():
+    w = random_weight("Q6_K", 20, 256, seed=4)
+    x = torch.randn(3, 256, requires_grad=True)
+    dy = torch.randn(3, 20)
+    ggml_linear(x, w).backward(dy)
+    assert torch.allclose(x.grad, dy @ w.dequantize(torch.float32), atol=1e-5)
+    packed = w.packed()[0]
+    torch.library.opcheck(torch.ops.flashgen.ggml_linear.default, (torch.randn(2, 256), packed, 14, 20, None))
+    torch.library.opcheck(torch.ops.flashgen.ggml_prepack.default, (w.qweight, 14, 256))
+
+
+def test_compiled_linear_is_fullgraph():
+    w = random_weight("Q5_K", 16, 256, seed=5)
+    x = torch.randn(2, 256)
+    compiled = torch.compile(lambda a: ggml_linear(a, w), fullgraph=True, backend="aot_eager")
+    assert torch.equal(compiled(x), ggml_linear(x, w))
+
+
+def test_state_dict_round_trip(tmp_path):
+    w = random_weight("Q3_K", 8, 256, seed=6)
+    w.save(tmp_path / "w.safetensors")
+    back = QuantizedWeight.load(tmp_path / "w.safetensors")
+    assert back.format is w.format and torch.equal(back.qweight, w.qweight)
+
+
+def test_from_gguf_keeps_blocks():
+    t = ggml.BLOCK_TYPES["Q6_K"]
+    blocks = random_blocks("Q6_K", 3 * 2, torch.Generator().manual_seed(7))
+    w = from_gguf(blocks.numpy().reshape(-1), "Q6_K", (3, 512))
+    assert w.format.name == "Q6_K" and w.qweight.shape == (3, 2 * t.block_bytes)
+    with pytest.raises(ValueError, match="multiple of the block size 256"):
+        from_gguf(blocks.numpy().reshape(-1), "Q6_K", (6, 255))
+    with pytest.raises(ValueError, match="needs 1260 bytes"):
+        from_gguf(blocks.numpy().reshape(-1)[:-1], "Q6_K", (3, 512))
+
+
+def test_bad_inputs_are_named():
+    w = random_weight("Q4_K", 16, 256, seed=8)
+    f = torch.ops.flashgen
+    with pytest.raises(RuntimeError, match="ggml_linear: packed must have the CPU prepacked shape"):
+        f.ggml_linear(torch.randn(1, 256), w.qweight, 12, 16, None)
+    with pytest.raises(RuntimeError, match="GGML type 2 has no CPU kernel"):
+        f.ggml_prepack(w.qweight, 2, 256)
+    with pytest.raises(RuntimeError, match="multiple of the block size 256"):
+        f.ggml_prepack(w.qweight, 12, 128)
+    with pytest.raises(ValueError, match="qweight must have shape"):
+        QuantizedWeight("Q4_K", w.qweight[:, :-1])
+    with pytest.raises(ValueError, match="scales, offsets and group_size must be None"):
+        QuantizedWeight("Q4_K", w.qweight, group_size=32)
+    with pytest.raises(ValueError, match="format must be one of"):
+        QuantizedWeight("Q9_K", w.qweight)
+    with pytest.raises(ValueError, match="expected a int4 QuantizedWeight, got format Q4_K"):
+        int4_linear(torch.randn(1, 256), w)
