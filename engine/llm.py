@@ -21,6 +21,7 @@ import torch
 
 from .sampling import Sampler, SamplingParams
 from .stream import TextStream
+from .tokenizer import ChatTemplateError
 
 log = logging.getLogger("flashgen")
 
@@ -181,7 +182,11 @@ class LLM:
         """Token ids of `messages` rendered by the chat template with the generation prompt."""
         text = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True)
         # The template writes the special tokens itself (BOS included), as transformers' tokenize=True does.
-        return self.tokenizer.encode(text, add_special_tokens=False)
+        ids = self.tokenizer.encode(text, add_special_tokens=False)
+        if not ids:
+            raise ChatTemplateError(f"{self.tokenizer.chat_template_source} rendered no tokens for "
+                                    f"{len(messages)} messages")
+        return ids
 
     def chat(self, messages, stream=False, **kwargs):
         """Reply to `messages` ([{"role": "system"|"user"|"assistant", "content": str}, ...]) through the

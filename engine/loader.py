@@ -133,11 +133,13 @@ class _SafetensorsFolder:
             if problem:
                 return f"tensor {name!r}: {problem}"
             spans.append((*info["data_offsets"], name))
-        data_bytes, offset = size - 8 - n, 0
+        data_bytes, offset, previous = size - 8 - n, 0, None
         for begin, end, name in sorted(spans):
-            if begin != offset:
-                return f"tensor {name!r}: data_offsets begin at {begin}, where the previous tensor ends at {offset}"
-            offset = end
+            if begin < offset:
+                return f"tensors {previous!r} and {name!r} overlap (data_offsets up to {offset}, from {begin})"
+            if begin > offset:
+                return f"tensor {name!r}: data_offsets begin at {begin}, but the data before it ends at {offset}"
+            offset, previous = end, name
         if offset != data_bytes:
             return f"the tensors' data ends at byte {offset} of {data_bytes} (truncated or padded file?)"
         return None
