@@ -44,13 +44,30 @@ def test_generate_prints_the_greedy_text_and_stats(capsys, model, extra):
     assert STATS.match(err.strip().splitlines()[-1]), err
 
 
-def test_generate_with_sampling_options_is_reproducible(capsys, model):
-    argv = ["generate", "--model", model, "--prompt", "The quick", "-n", "10", "--seed", "7", "--temperature", "1.1",
-            "--top-k", "0", "--top-p", "0.9", "--min-p", "0.01", "--repetition-penalty", "1.2",
-            "--presence-penalty", "0.1", "--frequency-penalty", "0.2", "--stop", "zzz", "--quant", "int8",
-            "--dtype", "float32", "--kv-cache-dtype", "bfloat16", "--device", "cpu", "--threads", "1"]
-    first = run(capsys, argv)
-    assert first[0] == 0 and run(capsys, argv)[1] == first[1]
+SAMPLED = ["--prompt", "The quick", "-n", "10", "--seed", "7", "--temperature", "1.1", "--top-k", "0", "--top-p",
+           "0.9", "--min-p", "0.01", "--repetition-penalty", "1.2", "--presence-penalty", "0.1",
+           "--frequency-penalty", "0.2", "--raw"]
+
+
+def test_sampling_options_are_reproducible_and_change_the_output(capsys, model):
+    def text(*options):
+        code, out, err = run(capsys, ["generate", "--model", model, *SAMPLED, *options])
+        assert code == 0, err
+        return out.removesuffix("\n")
+
+    sampled = text("--stop", "zzz", "--quant", "int8", "--dtype", "float32", "--kv-cache-dtype", "bfloat16",
+                   "--device", "cpu", "--threads", "1")
+    assert text("--stop", "zzz", "--quant", "int8", "--dtype", "float32", "--kv-cache-dtype", "bfloat16",
+                "--device", "cpu", "--threads", "1") == sampled
+    base = text()
+    greedy = text("--temperature", "0")
+    assert text("--seed", "8") != base
+    assert base != greedy and text("--top-k", "1") == greedy  # one candidate left: the argmax
+    assert text("--repetition-penalty", "1.0", "--presence-penalty", "0", "--frequency-penalty", "0",
+                "--temperature", "0") != greedy
+    assert base.startswith(text("-n", "4")) and len(text("-n", "4")) < len(base)  # one random draw per step
+    stop = base[len(base) // 2:len(base) // 2 + 2]
+    assert text("--stop", stop) == base[:base.index(stop)]
 
 
 def test_bench_json_and_table(capsys, model):
@@ -90,25 +107,34 @@ def test_chat_multi_turn_reset_and_ctrl_c(capsys, model, monkeypatch):
 
 
 @pytest.mark.parametrize(
-    "argv",
+    "argv, code, message",
     [
-        ["generate", "--model", "/nonexistent/model.gguf", "--prompt", "hi"],
-        ["generate", "--prompt", "hi", "--temperature", "-1"],
-        ["generate", "--prompt", "hi", "--top-p", "1.5"],
-        ["generate", "--prompt", "hi", "--top-p", "abc"],
-        ["generate", "--prompt", "hi", "-n", "0"],
-        ["generate", "--prompt", "hi", "--quant", "int3"],
-        ["generate"],
-        ["bench", "-r", "0"],
-        ["fly"],
+        (["generate", "--model", "/nonexistent/model.gguf", "--prompt", "hi"], 1,
+         r"flashgen generate: error: model '/nonexistent/model\.gguf' not found"),
+        (["generate", "--prompt", "hi", "--temperature", "-1"], 1,
+         r"flashgen generate: error: temperature must be a number >= 0 .*got -1\.0"),
+        (["generate", "--prompt", "hi", "--top-p", "1.5"], 1,
+         r"flashgen generate: error: top_p must be in \(0, 1\] .*got 1\.5"),
+        (["generate", "--prompt", "hi", "--top-p", "abc"], 2,
+         r"flashgen generate: error: argument --top-p: invalid float value: 'abc'"),
+        (["generate", "--prompt", "hi", "-n", "0"], 2,
+         r"flashgen generate: error: argument --max-new-tokens/-n: expected a positive integer, got '0'"),
+        (["generate", "--prompt", "hi", "--quant", "int3"], 2,
+         r"flashgen generate: error: argument --quant: invalid choice: 'int3'"),
+        (["generate"], 2, r"flashgen generate: error: the following arguments are required: --prompt/-p"),
+        (["bench", "-r", "0"], 2,
+         r"flashgen bench: error: argument -r/--repetitions: expected a positive integer, got '0'"),
+        (["fly"], 2, r"flashgen: error: argument command: invalid choice: 'fly'"),
     ],
 )
-def test_bad_input_is_one_line_and_nonzero(capsys, argv):
+def test_bad_input_is_one_line_and_nonzero(capsys, argv, code, message):
     try:
-        code = main(argv)
+        got = main(argv)
     except SystemExit as e:  # argparse errors exit through SystemExit (status 2)
-        code = e.code
-    assert_one_line_error(code, capsys.readouterr().err)
+        got = e.code
+    err = capsys.readouterr().err
+    assert_one_line_error(got, err)
+    assert got == code and re.match(message, err), (got, err)
 
 
 def test_prompt_longer_than_the_context(capsys, model):

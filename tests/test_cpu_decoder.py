@@ -69,16 +69,19 @@ def test_step_with_a_16_bit_cache_matches_python_layers(tiny_models, arch, kv_dt
 
 
 def test_avx2_path_in_a_subprocess():
-    """FLASHGEN_NO_AVX512=1 (read once per process) makes the step's vector kernels take their AVX2 path."""
+    """FLASHGEN_NO_AVX512=1 (read once per process) makes the step's vector kernels take their AVX2 path, and
+    FLASHGEN_QUANT_ISA=avx2 the int4 / int8 linears' (on an AVX-512 VNNI machine they would take VNNI)."""
     code = (
         "import sys, tempfile; sys.path.insert(0, %r); import test_cpu_decoder as t, tiny_models as m\n"
         "models = m.TinyModels(tempfile.mkdtemp())\n"
         "t.test_step_matches_python_layers(models, 'phi3', None)\n"
-        "t.test_step_matches_python_layers(models, 'llama', 'int4'); print('ok')\n" % os.path.dirname(__file__)
+        "t.test_step_matches_python_layers(models, 'llama', 'int4')\n"
+        "t.test_step_matches_python_layers(models, 'qwen2', 'int8'); print('ok')\n" % os.path.dirname(__file__)
     )
+    env = {**os.environ, "FLASHGEN_NO_AVX512": "1", "FLASHGEN_QUANT_ISA": "avx2"}
     # run from tests/: from the repository root, transformers would take the kernels/ folder for its `kernels`
-    res = subprocess.run([sys.executable, "-c", code], env={**os.environ, "FLASHGEN_NO_AVX512": "1"},
-                         cwd=os.path.dirname(__file__), capture_output=True, text=True, timeout=300)
+    res = subprocess.run([sys.executable, "-c", code], env=env, cwd=os.path.dirname(__file__), capture_output=True,
+                         text=True, timeout=300)
     assert res.returncode == 0 and "ok" in res.stdout, res.stderr[-3000:]
 
 

@@ -163,18 +163,71 @@ def test_logits_match_transformers_on_dequantized_weights(files):
     assert not any(isinstance(mod, QuantizedLinear) for mod in dense.modules())
     err = (dense(ids) - expected).abs().max() / expected.abs().max()
     assert err < 1e-4
+
+
+@torch.inference_mode()
+def test_native_linears_within_the_activation_rounding_bound(files):
+    """Same weights as the dequantized model; the CPU int4 / int8 kernels round each activation to int8 per block of
+    32 (d = max|x_b| / 127), so each output may move by at most sum_k |W[n, k]| d_b(k) / 2
+    (csrc/cpu/quant_linear.cpp), checked on the activations every linear gets in a forward pass."""
     native = load_model(files["path"], max_seq_len=32).model
-    # Same weights; the CPU int4 / int8 kernels round activations to int8 per block of 32 (llama.cpp's scheme):
-    # a few percent on these logits, where a wiring mistake would be ~100%.
-    got = native(ids)
-    assert (got - expected).abs().max() / expected.abs().max() < 0.15
-    assert (got - expected).abs().mean() / expected.abs().mean() < 0.06
-    # and the float model before quantization, within quantization error: as close as the dequantized
-    # weights themselves bring it (plus the activation rounding above)
-    original = files["float"](ids).logits
-    weight_error = (dense(ids) - original).abs().max() / original.abs().max()
-    assert weight_error < 0.5
-    assert (got - original).abs().max() / original.abs().max() < 1.5 * weight_error + 0.05
+    seen = []
+    hooks = [m.register_forward_hook(lambda mod, inp, out: seen.append((mod, inp[0], out)))
+             for m in native.modules() if isinstance(m, QuantizedLinear)]
+    native(torch.randint(3, 300, (2, 24)))
+    for hook in hooks:
+        hook.remove()
+    assert len(seen) == 4 * native.config.num_layers
+    for module, x, y in seen:
+        x, w = x.double().reshape(-1, module.in_features), module.weight.dequantize(torch.float64)
+        want = x @ w.T
+        d = x.abs().unflatten(1, (-1, 32)).amax(-1) / 127  # (rows, blocks)
+        bound = (d.repeat_interleave(32, 1) / 2) @ w.abs().T
+        slack = 1e-5 * (x.abs() @ w.abs().T) + 1e-6  # float32 sums
+        err = (y.double().reshape(want.shape) - want).abs()
+        assert (err <= bound + slack).all(), (module.weight.format.name, (err - bound).max().item())
+
+
+def _grid_bound(w, weight, qmin, qmax):
+    """The largest |w - w'| a weight `w` may be off by in `weight`'s codes: half a step inside its group's grid
+    s * q + m (q in [qmin, qmax]), plus the distance to the grid's ends outside it; plus llama.cpp's float16 rounding
+    of the scale and offset it quantized with (a relative 2^-11 of |s q| and |m|)."""
+    g = weight.group_size or w.shape[1]
+    s = weight.scales.double().repeat_interleave(g, 1)
+    m = torch.zeros_like(s) if weight.offsets is None else weight.offsets.double().repeat_interleave(g, 1)
+    lo, hi = torch.minimum(m + s * qmin, m + s * qmax), torch.maximum(m + s * qmin, m + s * qmax)
+    outside = (lo - w).clamp(min=0) + (w - hi).clamp(min=0)
+    return s.abs() / 2 + outside + (max(-qmin, qmax) * s.abs() + m.abs()) * 2**-11
+
+
+def test_weights_within_what_the_format_allows(files):
+    """The loaded weights against the float model they were quantized from, element by element: Q4_0 / Q4_1 (int4
+    codes 0..15), Q8_0 (int8 codes -127..127) within their grid's half step, F16 within its rounding."""
+    from flashgen.engine.gguf import GGUFFile
+
+    m = load_model(files["path"], max_seq_len=32).model
+    float_sd = files["float"].state_dict()
+    checked = 0
+    for i in range(m.config.num_layers):
+        p = f"model.layers.{i}."
+        originals = {"attn.wqkv": [p + f"self_attn.{x}_proj.weight" for x in "qkv"],
+                     "attn.wo": [p + "self_attn.o_proj.weight"],
+                     "mlp.w_in": [p + "mlp.gate_proj.weight", p + "mlp.up_proj.weight"],
+                     "mlp.w_out": [p + "mlp.down_proj.weight"]}
+        for ours, theirs in originals.items():
+            weight = m.get_submodule(f"layers.{i}.{ours}").weight
+            assert weight.format.name == "int4"
+            w = torch.cat([float_sd[t] for t in theirs]).double()
+            bound = _grid_bound(w, weight, 0, 15)
+            assert ((weight.dequantize(torch.float64) - w).abs() <= bound).all(), (i, ours)
+            checked += 1
+    embedding = GGUFFile(files["path"]).get("token_embd.weight")  # Q8_0; the model keeps it as a float table
+    assert embedding.format.name == "int8"
+    w = float_sd["model.embed_tokens.weight"].double()
+    assert ((embedding.dequantize(torch.float64) - w).abs() <= _grid_bound(w, embedding, -127, 127)).all()
+    head, w = m.output.weight.double(), float_sd["lm_head.weight"].double()
+    assert ((head - w).abs() <= w.abs() * 2**-11 + 2**-25).all()  # F16: round to nearest (2^-25: subnormals)
+    assert checked == 4 * m.config.num_layers
 
 
 def test_tokenizer_from_metadata_matches_tokenizer_json(files):

