@@ -17,7 +17,7 @@ import math
 import torch
 from torch import nn
 
-from flashgen.kernels.qlinear import QuantizedLinear, StackedLinear
+from flashgen.kernels.qlinear import QuantizedEmbedding, QuantizedLinear, StackedLinear
 
 _ACTIVATIONS = {"silu": 0, "gelu": 1, "gelu_tanh": 2}
 _NONE = torch.empty(0)
@@ -52,9 +52,11 @@ def _norm(norm):
 
 def build(model):
     c, cache = model.config, model.cache
-    emb = model.tok_embeddings.weight
-    if cache is None or emb.dtype != torch.float32 or not emb.is_cpu:
+    emb, table = model.tok_embeddings.weight, None
+    if cache is None or emb.dtype != torch.float32 or emb.device.type != "cpu":
         return None
+    if isinstance(model.tok_embeddings, QuantizedEmbedding):  # rows dequantized in C++ as they are looked up
+        emb, table = _NONE, _linear(QuantizedLinear(emb))
     linears = [[_linear(m) for m in (b.attn.wqkv, b.attn.wo, b.mlp.w_in, b.mlp.w_out)] for b in model.layers]
     head = _linear(model.output)
     if head is None or any(lin is None for layer in linears for lin in layer):
@@ -72,4 +74,6 @@ def build(model):
         qk = (attn.q_norm.weight, attn.k_norm.weight) if attn.q_norm is not None else (_NONE, _NONE)
         decoder.add_layer(*_norm(block.attn_norm), *_norm(block.mlp_norm), *qk, qkv, o, w_in, w_out)
     decoder.set_head(*_norm(model.norm), head)
+    if table is not None:
+        decoder.set_token_table(table)
     return decoder.step

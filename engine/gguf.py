@@ -169,7 +169,8 @@ class GGUFFile:
             magic = f.read(4)
             if magic != GGUF_MAGIC:
                 raise CheckpointError(f"{self.path}: not a GGUF file (magic {magic!r}, expected {GGUF_MAGIC!r})")
-            buf = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+            # Copy-on-write: tensors are zero-copy views of the file that no write can fault on (release_pages).
+            buf = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
         try:
             meta, infos, start = _Header(buf).parse()
         except CheckpointError as e:
@@ -177,7 +178,13 @@ class GGUFFile:
         except (struct.error, ValueError, OverflowError, RecursionError) as e:  # RecursionError: nested arrays
             raise CheckpointError(f"{self.path}: malformed GGUF header ({type(e).__name__}: {e})") from None
         self.meta = meta
+        self._buf = buf
         self._tensors = _tensors(self.path, buf, infos, start)
+
+    def release_pages(self):
+        """Drop the file's pages from this process's memory (once the kernels have their layouts): the views stay
+        valid and read the file again if touched."""
+        self._buf.madvise(mmap.MADV_DONTNEED)
 
     @property
     def tensor_names(self):
@@ -211,7 +218,7 @@ class GGUFFile:
             raw = torch.from_numpy(np.array(t.data)).reshape(-1).view(torch.bfloat16)
             return raw.reshape(shape).to(dtype)
         if kind in native and len(shape) == 2:
-            return from_gguf(np.array(t.data), kind, shape, dtype=dtype)
+            return from_gguf(t.data, kind, shape, dtype=dtype)  # GGML blocks stay a view of the file
         try:
             values = gguf.quants.dequantize(np.asarray(t.data), t.tensor_type)
         except NotImplementedError as e:

@@ -16,7 +16,7 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from flashgen.kernels.qlinear import QuantizedLinear, StackedLinear
+from flashgen.kernels.qlinear import QuantizedEmbedding, QuantizedLinear, StackedLinear
 from flashgen.kernels.quant import QuantizedWeight, quantize_int4, quantize_int8
 
 from .config import ModelConfig, lookup, one_line, read_json
@@ -59,6 +59,8 @@ def load_model(path, device="cpu", dtype=None, quant=None, group_size=32, max_se
     else:
         raise FileNotFoundError(f"{path}: no such file or directory (expected a Hugging Face folder or a .gguf file)")
     model = _build(config, tensors, device, dtype, quant, group_size)
+    if isinstance(tensors, _FilePlan):
+        tensors.file.release_pages()
     max_seq_len = max_seq_len or min(config.max_position_embeddings, 4096)
     model.setup_cache(max_batch_size, max_seq_len, kv_cache_dtype)
     tokenizer.eos_token_ids |= set(config.eos_token_ids)
@@ -257,6 +259,14 @@ def _read_gguf(path, dtype, native):
     return config, _gguf_tensors(config, f, dtype, native), tokenizer, gen
 
 
+class _FilePlan(dict):
+    """The tensor thunks of one memory-mapped file, whose pages are released once the model is built."""
+
+    def __init__(self, file, plan):
+        super().__init__(plan)
+        self.file = file
+
+
 def _gguf_tensors(c, f, dtype, native):
     """our name -> thunk over llama.cpp tensor names (blk.N.attn_q.weight, ...). native: the block types kept
     quantized (gguf.native_types; every other tensor is dequantized to float)."""
@@ -312,7 +322,7 @@ def _gguf_tensors(c, f, dtype, native):
             plan[o + "mlp.w_in.bias"] = one(b + "ffn_up.bias")
     if "rope_freqs.weight" in f:  # Llama 3 rope scaling, stored as per-frequency divisors of inv_freq
         plan["inv_freq"] = lambda: rope_inv_freq(c) / f.get("rope_freqs.weight", torch.float32)
-    return plan
+    return _FilePlan(f, plan)
 
 
 def _unpermute_rope(w, heads):
@@ -328,10 +338,13 @@ def _take_rows(w, index):
 
 
 def _cat_rows(parts):
-    """Stack weights along the output dimension. Runs of parts in one format merge (one tensor or QuantizedWeight);
-    when formats still differ, the list of merged runs (a StackedLinear, each run in its own format)."""
+    """Stack weights along the output dimension. Runs of parts in one format merge (one tensor or QuantizedWeight),
+    except GGML blocks, which stay zero-copy views of the file; when parts remain, their list (a StackedLinear,
+    each part computing its own outputs)."""
     def key(p):
-        return "float" if isinstance(p, torch.Tensor) else (p.format, p.group_size)
+        if isinstance(p, torch.Tensor):
+            return "float"
+        return (p.format, p.group_size) if p.format.name in ("int4", "int8") else id(p)
 
     runs = []
     for p in parts:
@@ -339,7 +352,8 @@ def _cat_rows(parts):
             runs[-1].append(p)
         else:
             runs.append([p])
-    merged = [torch.cat(r) if isinstance(r[0], torch.Tensor) else QuantizedWeight.cat(r) for r in runs]
+    merged = [r[0] if len(r) == 1 else torch.cat(r) if isinstance(r[0], torch.Tensor) else QuantizedWeight.cat(r)
+              for r in runs]
     return merged[0] if len(merged) == 1 else merged
 
 
@@ -369,10 +383,11 @@ def _build(config, plan, device, dtype, quant, group_size):
                                   f"(inconsistent config sizes?)")
         module_name, _, attr = name.rpartition(".")
         module = model.get_submodule(module_name)
-        if name == "tok_embeddings.weight" and isinstance(value, QuantizedWeight):
-            if "output.weight" not in plan and quant != "none":  # tied head: the native matrix for the matmul
-                model.output = QuantizedLinear(value.to(device))
-            value = value.dequantize(dtype)
+        if name == "tok_embeddings.weight" and isinstance(value, QuantizedWeight) and quant != "none":
+            model.tok_embeddings = QuantizedEmbedding(value.to(device))
+            if "output.weight" not in plan:  # tied head: the same quantized matrix
+                model.output = QuantizedLinear(model.tok_embeddings.weight)
+            continue
         if isinstance(value, list):
             _set_module(model, module_name, StackedLinear([p.to(device) if isinstance(p, QuantizedWeight)
                                                            else p.to(device, dtype) for p in value]))

@@ -82,6 +82,11 @@ class Norm(nn.Module):
         return out if residual is not None else (out, x)
 
 
+def _embedding(num, dim):
+    # An uninitialized table (the loader fills it): random init of a large one costs seconds, even on meta.
+    return nn.Embedding(num, dim, _weight=torch.empty(num, dim)).requires_grad_(False)
+
+
 def _linear(in_features, out_features, bias):
     return nn.Linear(in_features, out_features, bias=bias).requires_grad_(False)
 
@@ -165,9 +170,8 @@ class Transformer(nn.Module):
     def __init__(self, config: ModelConfig):
         super().__init__()
         c = self.config = config
-        self.tok_embeddings = nn.Embedding(c.vocab_size, c.hidden_size).requires_grad_(False)
-        self.pos_embeddings = (nn.Embedding(c.max_position_embeddings, c.hidden_size).requires_grad_(False)
-                               if c.learned_positions else None)
+        self.tok_embeddings = _embedding(c.vocab_size, c.hidden_size)
+        self.pos_embeddings = _embedding(c.max_position_embeddings, c.hidden_size) if c.learned_positions else None
         self.layers = nn.ModuleList(Block(c) for _ in range(c.num_layers))
         self.norm = Norm(c.hidden_size, c.norm_eps, c.norm, c.norm == "layer")
         self.output = _linear(c.hidden_size, c.vocab_size, False)

@@ -53,7 +53,19 @@ def ggml_linear(x, qweight, bias=None):
     return w.format.linear(x, w, bias, w.format.name)
 
 
-class QuantizedLinear(nn.Module):
+class _FrozenQuantized(nn.Module):
+    """A module over a frozen QuantizedWeight `self.weight`: `.to(device)` moves it; dtype conversions leave the
+    codes and scales alone."""
+
+    def _apply(self, fn, recurse=True):
+        # fn converts a tensor (device and/or dtype); only its device applies to the codes and scales.
+        device = fn(torch.empty(0, device=self.weight.device)).device
+        if device != self.weight.device:
+            self.weight = self.weight.to(device)
+        return super()._apply(fn, recurse)
+
+
+class QuantizedLinear(_FrozenQuantized):
     """Drop-in for nn.Linear over a frozen QuantizedWeight. mode: one of the weight format's modes: "int4";
     "int8" or "int8_dynamic" (W8A8); a GGML block type's name.
 
@@ -84,13 +96,6 @@ class QuantizedLinear(nn.Module):
     def forward(self, x):
         return self.weight.format.linear(x, self.weight, self.bias, self.mode)
 
-    def _apply(self, fn, recurse=True):
-        # fn converts a tensor (device and/or dtype); only its device applies to the codes and scales.
-        device = fn(torch.empty(0, device=self.weight.device)).device
-        if device != self.weight.device:
-            self.weight = self.weight.to(device)
-        return super()._apply(fn, recurse)
-
     def _save_to_state_dict(self, destination, prefix, keep_vars):
         super()._save_to_state_dict(destination, prefix, keep_vars)
         destination.update(self.weight.state_dict(prefix + "weight."))
@@ -109,6 +114,19 @@ class QuantizedLinear(nn.Module):
     def extra_repr(self):
         return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
                 f"mode={self.mode}, group_size={self.weight.group_size}")
+
+
+class QuantizedEmbedding(_FrozenQuantized):
+    """nn.Embedding over a frozen QuantizedWeight (num_embeddings, embedding_dim): the rows looked up are
+    dequantized, the table stays quantized (a 1B model's Q4_K token table is 58 MB, in float32 400 MB)."""
+
+    def __init__(self, weight: QuantizedWeight):
+        super().__init__()
+        self.weight = weight
+        self.num_embeddings, self.embedding_dim = weight.shape
+
+    def forward(self, ids):
+        return self.weight.rows(ids.reshape(-1)).dequantize().reshape(*ids.shape, self.embedding_dim)
 
 
 class StackedLinear(nn.Module):

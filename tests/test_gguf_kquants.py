@@ -88,11 +88,17 @@ def test_weights_stay_in_their_blocks(kquant_file):
     f = GGUFFile(path)
     layer = model.layers[0]
     qkv = layer.attn.wqkv
+    # fused projections stack their parts, each a view of the file's blocks (no copy, no float)
     assert isinstance(qkv, StackedLinear), "Q4_K q, k with a Q6_K v: stacked, not dequantized"
-    assert [m.weight.format.name for m in qkv.parts] == ["Q4_K", "Q6_K"]
-    assert isinstance(layer.mlp.w_in, QuantizedLinear) and layer.mlp.w_in.weight.format.name == "Q4_K"
-    assert model.layers[1].attn.wqkv.weight.format.name == "Q3_K"
-    assert model.layers[1].mlp.w_in.weight.format.name == "Q5_1"
+    assert [m.weight.format.name for m in qkv.parts] == ["Q4_K", "Q4_K", "Q6_K"]
+    assert [m.weight.format.name for m in layer.mlp.w_in.parts] == ["Q4_K", "Q4_K"]
+    assert [m.weight.format.name for m in model.layers[1].mlp.w_in.parts] == ["Q5_1", "Q5_1"]
+    def addr(name):
+        return f._tensor(name).data.ctypes.data
+
+    # zero-copy: the two tensors lie as far apart in memory as in the file
+    v, down = qkv.parts[2].weight.qweight, layer.mlp.w_out.weight.qweight
+    assert down.data_ptr() - v.data_ptr() == addr("blk.0.ffn_down.weight") - addr("blk.0.attn_v.weight")
     assert model.output.weight.format.name == "Q6_K"
     down = layer.mlp.w_out.weight
     want = torch.from_numpy(gguf.quants.dequantize(f._tensor("blk.0.ffn_down.weight").data, Q.Q6_K))

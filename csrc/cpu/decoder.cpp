@@ -70,6 +70,24 @@ struct CpuLinear : torch::CustomClassHolder {
     out += other->out;
   }
 
+  // Row `index` of W (in_features values): the token table lookup of a quantized embedding.
+  void row(int64_t index, float* dst) const {
+    TORCH_CHECK(parts.size() == 1 && index >= 0 && index < out, "flashgen.CpuLinear.row: row ", index,
+                " of a single-part linear of ", out, " rows");
+    const Part& p = parts[0];
+    switch (p.kind) {
+      case kInt4:
+        return quant::int4_packed_row(p.w[0], p.w[1], p.w[2], p.param, in, index, dst);
+      case kInt8:
+      case kInt8Dynamic:
+        return quant::int8_packed_row(p.w[0], p.w[1], in, index, dst);
+      case kGgml:
+        return quant::ggml::packed_row(p.w[0], p.param, in, index, dst);
+      case kFloat:
+        std::copy_n(p.w[0].data_ptr<float>() + index * in, in, dst);
+    }
+  }
+
   void set_bias(const at::Tensor& b) {
     quant::check_bias(b, out, "flashgen.CpuLinear.set_bias");
     bias = b.to(at::kFloat).contiguous();
@@ -168,7 +186,7 @@ struct CpuDecoder : torch::CustomClassHolder {
   at::Tensor tok_emb, pos_emb, inv_freq, k_cache, v_cache, seqlens;
   std::vector<Layer> layers;
   Norm final_norm;
-  Linear head;
+  Linear head, token_table;  // token_table: a quantized embedding (then tok_emb is empty)
   // float32 scratch, resized to the rows (B x T tokens): h, r, x (rows, hidden), qkv (rows, q + 2 kv), mlp
   // (rows, w_in out), act (rows, intermediate), rope (rows, rotary_dim)
   std::vector<float> h, r, x, qkv, mlp, act, rope;
@@ -197,7 +215,7 @@ struct CpuDecoder : torch::CustomClassHolder {
                 kOp, ": bad dims (hidden, heads a multiple of kv_heads, head_dim, intermediate, vocab > 0)");
     TORCH_CHECK(rotary_dim % 2 == 0 && rotary_dim <= head_dim, kOp, ": rotary_dim must be even and <= head_dim");
     TORCH_CHECK(activation >= kSilu && activation <= kGeluTanh, kOp, ": activation must be 0, 1 or 2");
-    check_f32(this->tok_emb, "tok_emb", {vocab, hidden});
+    if (given(this->tok_emb)) check_f32(this->tok_emb, "tok_emb", {vocab, hidden});
     if (given(this->pos_emb)) check_f32(this->pos_emb, "pos_emb", {this->pos_emb.size(0), hidden});
     TORCH_CHECK(given(this->pos_emb) != (rotary_dim > 0), kOp, ": give either learned positions or rotary_dim > 0");
     if (rotary_dim) check_f32(this->inv_freq, "inv_freq", {rotary_dim / 2});
@@ -241,6 +259,13 @@ struct CpuDecoder : torch::CustomClassHolder {
     layers.push_back(std::move(layer));
   }
 
+  // A quantized token table instead of tok_emb: row i of `table` (vocab -> hidden as a linear's W) is token i.
+  void set_token_table(Linear table) {
+    TORCH_CHECK(table->out == vocab && table->in == hidden && table->parts.size() == 1, kOp,
+                ": the token table must be one ", vocab, " x ", hidden, " weight");
+    token_table = std::move(table);
+  }
+
   void set_head(at::Tensor norm_w, at::Tensor norm_b, Linear output) {
     TORCH_CHECK(output->in == hidden && output->out == vocab, kOp, ": the output head must be ", hidden, " -> ",
                 vocab);
@@ -255,6 +280,7 @@ struct CpuDecoder : torch::CustomClassHolder {
   at::Tensor step(const at::Tensor& tokens, const std::optional<at::Tensor>& lengths_in) {
     TORCH_CHECK(head && int64_t(layers.size()) == k_cache.size(0), kOp, ": add all ", k_cache.size(0),
                 " layers and the head before step()");
+    TORCH_CHECK(given(tok_emb) || token_table, kOp, ": give tok_emb or set_token_table before step()");
     TORCH_CHECK(tokens.device().is_cpu() && tokens.scalar_type() == at::kLong && tokens.dim() == 2, kOp,
                 ": tokens must be a 2-D (batch, new tokens) int64 CPU tensor, got ", tokens.scalar_type(), " ",
                 tokens.sizes());
@@ -312,7 +338,7 @@ struct CpuDecoder : torch::CustomClassHolder {
       std::copy_n(&r[last * hidden], hidden, &r[i * hidden]);
     }
     norm_rows(final_norm, b);
-    at::Tensor logits = at::empty({b, vocab}, tok_emb.options());
+    at::Tensor logits = at::empty({b, vocab}, at::TensorOptions().dtype(at::kFloat));
     head->run(x.data(), b, logits.data_ptr<float>(), acts);
     for (int64_t i = 0; i < b; ++i) pos[i] += int32_t(len[i]);
     return logits;
@@ -335,7 +361,7 @@ struct CpuDecoder : torch::CustomClassHolder {
   // h = token embedding (+ learned position), r = 0 so that the first fused norm's r <- h + r is h itself.
   // With rope, the (cos, sin) of each token's angles pos * inv_freq go to `rope`.
   void embed(const int64_t* tp, const int32_t* pos, int64_t b, int64_t t) {
-    const float* te = tok_emb.data_ptr<float>();
+    const float* te = token_table ? nullptr : tok_emb.data_ptr<float>();
     const float* f = rotary_dim ? inv_freq.data_ptr<float>() : nullptr;
     const int64_t half = rotary_dim / 2;
     rope.resize(b * t * 2 * half);
@@ -343,7 +369,10 @@ struct CpuDecoder : torch::CustomClassHolder {
       for (int64_t i = r0; i < r1; ++i) {
         const int64_t p = pos[i / t] + i % t;
         float* hi = &h[i * hidden];
-        std::copy_n(te + tp[i] * hidden, hidden, hi);
+        if (token_table)
+          token_table->row(tp[i], hi);
+        else
+          std::copy_n(te + tp[i] * hidden, hidden, hi);
         std::fill_n(&r[i * hidden], hidden, 0.f);
         if (given(pos_emb)) {
           const float* pe = pos_emb.data_ptr<float>() + p * hidden;
@@ -416,6 +445,7 @@ TORCH_LIBRARY_FRAGMENT(flashgen, m) {
                        at::Tensor, at::Tensor, at::Tensor, at::Tensor>())
       .def("add_layer", &CpuDecoder::add_layer)
       .def("set_head", &CpuDecoder::set_head)
+      .def("set_token_table", &CpuDecoder::set_token_table)
       .def("step", &CpuDecoder::step);
 }
 

@@ -69,6 +69,9 @@ void with_kind(int64_t type, F&& f) {
 // Checks of a packed weight shared by the ops and the decoder step.
 void check_packed(const char* op, const at::Tensor& packed, int64_t type, int64_t k, int64_t n);
 
+// Row `row` of a checked packed weight as k float32 values (as ggml_dequantize gives them).
+void packed_row(const at::Tensor& packed, int64_t type, int64_t k, int64_t row, float* out);
+
 // y (m, n) float32 = x (m, k) W^T for a checked packed weight (no bias).
 void linear_rows(const float* x, int64_t m, int64_t k, const at::Tensor& packed, int64_t type, int64_t n, float* y,
                  ActScratch& scratch);

@@ -3,8 +3,8 @@
 // Per super-block, tile row n and activation row r, with x' = d_a a the rounded activations and xs_j the sum of
 // x' over sub-block j:
 //   y[r, n] += d[n] * sum_j sc[n, j] * (d_a * dot_j(a, q[n]) - zero * xs_j) - dmin[n] * sum_j mn[n, j] * xs_j
-// The integer dot products run on unsigned codes (vpdpbusd, or maddubs on AVX2; codes are at most 6 bits, so
-// two maddubs pair sums stay within int16), the rest in float32 once per sub-block. A tile-block's codes are
+// The integer dot products run on unsigned codes (vpdpbusd, or maddubs on AVX2, whose int16 pair sums are added
+// in int16 for as many groups as the code width allows), the rest in float32 once per sub-block. A tile-block's codes are
 // unpacked once per call into 8 vectors of 4 features x 16 rows and serve the call's R activation rows.
 #include <immintrin.h>
 
@@ -92,8 +92,9 @@ FLASHGEN_AVX512_VNNI void tile_vnni(const QuantActs& x, const uint8_t* w, int64_
           __m512i id = _mm512_setzero_si512();
           for (int g = h * gps; g < (h + 1) * gps; ++g) id = _mm512_dpbusd_epi32(id, q[g], _mm512_set1_epi32(load4(a + 4 * g)));
           const float xs = sub_sum(x, r, blk * 2 + h, kd.sub);
-          const __m512 t = _mm512_fmsub_ps(_mm512_cvtepi32_ps(id), _mm512_set1_ps(x.d[r * x.d_stride + blk]),
-                                           _mm512_set1_ps(kd.zero * xs));
+          const __m512 da = _mm512_set1_ps(x.d[r * x.d_stride + blk]);
+          const __m512 t = kd.zero ? _mm512_fmsub_ps(_mm512_cvtepi32_ps(id), da, _mm512_set1_ps(kd.zero * xs))
+                                   : _mm512_mul_ps(_mm512_cvtepi32_ps(id), da);
           sacc[r] = kd.scales ? _mm512_fmadd_ps(t, scf, sacc[r]) : _mm512_add_ps(t, sacc[r]);
           if constexpr (kd.mins) macc[r] = _mm512_fmadd_ps(mnf, _mm512_set1_ps(xs), macc[r]);
         }
@@ -152,10 +153,18 @@ inline __m256 uint8x8(const uint8_t* p) {
 }
 inline __m256 halfx8(const uint8_t* p) { return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))); }
 
+// maddubs lanes of a run of groups summed in int16: each lane adds 2 products of at most max_code * 127.
+constexpr int run16(const Kind& kd, int gps) {
+  const int max_code = (1 << (kd.lo_bits + kd.hi_bits)) - 1;
+  int run = 1;
+  while (run * 2 <= gps && run * 2 * 2 * max_code * 127 <= 32767) run *= 2;
+  return run;
+}
+
 template <int KI, int R>
 void tile_avx2(const QuantActs& x, const uint8_t* w, int64_t sbs, float* out, int64_t ldo) {
   constexpr Kind kd = kKinds[KI];
-  constexpr int nb = kd.super / kBlock, halves = kBlock / kd.sub, gps = kd.sub / 4;
+  constexpr int nb = kd.super / kBlock, halves = kBlock / kd.sub, gps = kd.sub / 4, run = run16(kd, gps);
   const __m256i ones = _mm256_set1_epi16(1);
   for (int rh = 0; rh < 2; ++rh) {  // rows 0-7, then 8-15 of the tile
     __m256 acc[R];
@@ -174,16 +183,18 @@ void tile_avx2(const QuantActs& x, const uint8_t* w, int64_t sbs, float* out, in
           const __m256 mnf = kd.mins ? uint8x8(p + kd.mn_offset() + j * kTileRows + rh * 8) : _mm256_setzero_ps();
           for (int r = 0; r < R; ++r) {
             const int8_t* a = x.a + r * x.a_stride + blk * kBlock;
+            // int16 pair sums of up to `run` maddubs stay exact (kRun16), then widen to int32 once per run
             __m256i id = _mm256_setzero_si256();
-            for (int g = h * gps; g < (h + 1) * gps; g += 2) {  // a pair of maddubs: |sum| <= 2 * 2 * 63 * 127
-              const __m256i pair =
-                  _mm256_add_epi16(_mm256_maddubs_epi16(q[g], _mm256_set1_epi32(load4(a + 4 * g))),
-                                   _mm256_maddubs_epi16(q[g + 1], _mm256_set1_epi32(load4(a + 4 * g + 4))));
-              id = _mm256_add_epi32(id, _mm256_madd_epi16(pair, ones));
+            for (int g0 = h * gps; g0 < (h + 1) * gps; g0 += run) {
+              __m256i s16 = _mm256_setzero_si256();
+              for (int g = g0; g < g0 + run; ++g)
+                s16 = _mm256_add_epi16(s16, _mm256_maddubs_epi16(q[g], _mm256_set1_epi32(load4(a + 4 * g))));
+              id = _mm256_add_epi32(id, _mm256_madd_epi16(s16, ones));
             }
             const float xs = sub_sum(x, r, blk * 2 + h, kd.sub);
-            const __m256 t = _mm256_fmsub_ps(_mm256_cvtepi32_ps(id), _mm256_set1_ps(x.d[r * x.d_stride + blk]),
-                                             _mm256_set1_ps(kd.zero * xs));
+            const __m256 da = _mm256_set1_ps(x.d[r * x.d_stride + blk]);
+            const __m256 t = kd.zero ? _mm256_fmsub_ps(_mm256_cvtepi32_ps(id), da, _mm256_set1_ps(kd.zero * xs))
+                                     : _mm256_mul_ps(_mm256_cvtepi32_ps(id), da);
             sacc[r] = kd.scales ? _mm256_fmadd_ps(t, scf, sacc[r]) : _mm256_add_ps(t, sacc[r]);
             if constexpr (kd.mins) macc[r] = _mm256_fmadd_ps(mnf, _mm256_set1_ps(xs), macc[r]);
           }

@@ -106,13 +106,34 @@ inline int64_t plane_byte(int bits, int64_t r, int64_t f) {
 }
 inline int plane_shift(int bits, int64_t f) { return bits == 1 ? f / 4 : bits * ((f / 4) % (8 / bits)); }
 
+// Row r's codes into the planes of each block of 32 (the byte formulas of plane_byte / plane_shift, written out
+// byte by byte: prepacking a 1B-parameter file must take seconds).
 void put_row(const Kind& kd, const Decoded& o, int64_t r, uint8_t* tile) {
-  for (int64_t f = 0; f < kd.super; ++f) {
-    uint8_t* blk = tile + (f / kBlock) * kd.code_bytes();
-    const int64_t fb = f % kBlock;
-    const uint8_t lo = o.q[f] & ((1 << kd.lo_bits) - 1), hi = o.q[f] >> kd.lo_bits;
-    blk[plane_byte(kd.lo_bits, r, fb)] |= lo << plane_shift(kd.lo_bits, fb);
-    if (kd.hi_bits) blk[kd.lo_bytes() + plane_byte(kd.hi_bits, r, fb)] |= hi << plane_shift(kd.hi_bits, fb);
+  for (int64_t b = 0; b < kd.super / kBlock; ++b) {
+    const uint8_t* c = o.q + b * kBlock;
+    uint8_t *lo = tile + b * kd.code_bytes() + r * 4, *hi = lo + kd.lo_bytes();
+    for (int j = 0; j < 4; ++j) {
+      if (kd.lo_bits == 4) {
+        for (int v = 0; v < 4; ++v) lo[v * 64 + j] = (c[8 * v + j] & 0xF) | (c[8 * v + 4 + j] & 0xF) << 4;
+      } else {
+        for (int v = 0; v < 2; ++v) {
+          uint8_t byte = 0;
+          for (int s = 0; s < 4; ++s) byte |= (c[4 * (4 * v + s) + j] & 3) << (2 * s);
+          lo[v * 64 + j] = byte;
+        }
+      }
+      if (kd.hi_bits == 1) {
+        uint8_t byte = 0;
+        for (int g = 0; g < 8; ++g) byte |= ((c[4 * g + j] >> kd.lo_bits) & 1) << g;
+        hi[j] = byte;
+      } else if (kd.hi_bits == 2) {
+        for (int v = 0; v < 2; ++v) {
+          uint8_t byte = 0;
+          for (int s = 0; s < 4; ++s) byte |= ((c[4 * (4 * v + s) + j] >> kd.lo_bits) & 3) << (2 * s);
+          hi[v * 64 + j] = byte;
+        }
+      }
+    }
   }
   for (int64_t j = 0; j < kd.subs(); ++j) {
     if (kd.scales) tile[kd.sc_offset() + j * kTileRows + r] = static_cast<uint8_t>(o.sc[j]);
@@ -156,7 +177,7 @@ at::Tensor ggml_prepack_cpu(const at::Tensor& blocks, int64_t type, int64_t k) {
   TORCH_CHECK(n > 0 && blocks.size(1) == sbs * kd.block_bytes, op, ": blocks must have shape (out_features, ",
               sbs * kd.block_bytes, ") for in_features ", k, ", got ", blocks.sizes());
   const at::Tensor src = blocks.contiguous();
-  at::Tensor out = at::zeros({tiles(n), sbs, kd.tile_bytes()}, src.options());
+  at::Tensor out = at::zeros({tiles(n), sbs, kd.tile_bytes()}, src.options());  // rows past n stay zero
   const uint8_t* sp = src.data_ptr<uint8_t>();
   uint8_t* dp = out.data_ptr<uint8_t>();
   at::parallel_for(0, tiles(n), 1, [&](int64_t t0, int64_t t1) {
@@ -175,28 +196,31 @@ at::Tensor ggml_dequantize_cpu(const at::Tensor& packed, int64_t type, int64_t n
   const char* op = "flashgen::ggml_dequantize";
   TORCH_CHECK(at::isFloatingType(dtype), op, ": dtype must be a floating type, got ", dtype);
   check_packed(op, packed, type, k, n);
-  const Kind& kd = kind_of(type, op);
-  const int64_t sbs = k / kd.super;
   at::Tensor w = at::empty({n, k}, packed.options().dtype(at::kFloat));
-  const uint8_t* pp = packed.data_ptr<uint8_t>();
   float* wp = w.data_ptr<float>();
   at::parallel_for(0, n, 16, [&](int64_t r0, int64_t r1) {
-    for (int64_t row = r0; row < r1; ++row)
-      for (int64_t s = 0; s < sbs; ++s) {
-        const Decoded o = get_row(kd, pp + ((row / kTileRows) * sbs + s) * kd.tile_bytes(), row % kTileRows);
-        const float d = half_to_float(o.d), dmin = kd.mins ? half_to_float(o.dmin) : 0.f;
-        float* y = wp + row * k + s * kd.super;
-        for (int64_t f = 0; f < kd.super; ++f) {
-          const int64_t j = f / kd.sub;
-          const float v = (d * static_cast<float>(o.sc[j])) * static_cast<float>(int(o.q[f]) - kd.zero);
-          y[f] = kd.mins ? v - dmin * static_cast<float>(o.mn[j]) : v;
-        }
-      }
+    for (int64_t r = r0; r < r1; ++r) packed_row(packed, type, k, r, wp + r * k);
   });
   return w.to(dtype);
 }
 
 }  // namespace
+
+void packed_row(const at::Tensor& packed, int64_t type, int64_t k, int64_t row, float* out) {
+  const Kind& kd = kind_of(type, "ggml::packed_row");
+  const int64_t sbs = k / kd.super;
+  const uint8_t* tiles_p = packed.data_ptr<uint8_t>() + (row / kTileRows) * sbs * kd.tile_bytes();
+  for (int64_t s = 0; s < sbs; ++s) {
+    const Decoded o = get_row(kd, tiles_p + s * kd.tile_bytes(), row % kTileRows);
+    const float d = half_to_float(o.d), dmin = kd.mins ? half_to_float(o.dmin) : 0.f;
+    float* y = out + s * kd.super;
+    for (int64_t f = 0; f < kd.super; ++f) {
+      const int64_t j = f / kd.sub;
+      const float v = (d * static_cast<float>(o.sc[j])) * static_cast<float>(int(o.q[f]) - kd.zero);
+      y[f] = kd.mins ? v - dmin * static_cast<float>(o.mn[j]) : v;
+    }
+  }
+}
 
 void check_packed(const char* op, const at::Tensor& packed, int64_t type, int64_t k, int64_t n) {
   const Kind& kd = kind_of(type, op);

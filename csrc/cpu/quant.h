@@ -98,6 +98,12 @@ class ActScratch {
   std::vector<float> d_, xsum_;
 };
 
+// Row `row` of a checked prepacked weight as k float32 values, exactly as the dequantize ops give it (they are
+// made of these rows); also the lookup of a quantized token table.
+void int4_packed_row(const at::Tensor& qweight, const at::Tensor& scales, const at::Tensor& offsets,
+                     int64_t group_size, int64_t k, int64_t row, float* out);
+void int8_packed_row(const at::Tensor& qweight, const at::Tensor& scales, int64_t k, int64_t row, float* out);
+
 // y (m, n) float32 = x (m, k) W^T for checked prepacked weights (no bias), with float32 rows x.
 void int4_linear_rows(const float* x, int64_t m, int64_t k, const at::Tensor& qweight, const at::Tensor& scales,
                       const at::Tensor& offsets, int64_t group_size, int64_t n, float* y, ActScratch& scratch);

@@ -37,12 +37,6 @@ at::Tensor tile_rows(const at::Tensor& v) {
   return out.view({tiles(n), kTileRows, g}).transpose(1, 2).contiguous();
 }
 
-// (T, G, 16) -> (N, K) by repeating each scale over its `block` features
-at::Tensor untile_rows(const at::Tensor& v, int64_t n, int64_t k, int64_t block) {
-  at::Tensor rows = v.transpose(1, 2).reshape({-1, v.size(1)}).narrow(0, 0, n);
-  return rows.repeat_interleave(block, 1).narrow(1, 0, k).contiguous();
-}
-
 std::tuple<at::Tensor, at::Tensor, at::Tensor> int4_prepack_cpu(const at::Tensor& qweight, const at::Tensor& scales,
                                                                 const at::Tensor& offsets, int64_t group_size) {
   const char* op = "flashgen::int4_prepack";
@@ -112,56 +106,65 @@ void check_dequant_args(const char* op, int64_t n, int64_t k, at::ScalarType dty
   TORCH_CHECK(at::isFloatingType(dtype), op, ": dtype must be a floating type, got ", dtype);
 }
 
+// w (n, k) float32 from rows made by row(r, w + r * k), then converted to dtype.
+template <class Row>
+at::Tensor dequantize_rows(const at::Tensor& like, int64_t n, int64_t k, at::ScalarType dtype, Row&& row) {
+  at::Tensor w = at::empty({n, k}, like.options().dtype(at::kFloat));
+  float* wp = w.data_ptr<float>();
+  at::parallel_for(0, n, 16, [&](int64_t r0, int64_t r1) {
+    for (int64_t r = r0; r < r1; ++r) row(r, wp + r * k);
+  });
+  return w.to(dtype);
+}
+
 at::Tensor int4_dequantize_cpu(const at::Tensor& qweight, const at::Tensor& scales, const at::Tensor& offsets,
                                int64_t group_size, int64_t n, int64_t k, at::ScalarType dtype) {
   const char* op = "flashgen::int4_dequantize";
   check_dequant_args(op, n, k, dtype);
   check_int4_packed(op, qweight, scales, offsets, k, n, group_size);
-  const int64_t kb = k / kBlock;
-  const at::Tensor q = qweight.contiguous();
-  const at::Tensor s = untile_rows(scales.to(at::kFloat), n, k, group_size);
-  const at::Tensor m = untile_rows(offsets.to(at::kFloat), n, k, group_size);
-  at::Tensor w = at::empty({n, k}, s.options());
-  const uint8_t* qp = q.data_ptr<uint8_t>();
-  const float *sp = s.data_ptr<float>(), *mp = m.data_ptr<float>();
-  float* wp = w.data_ptr<float>();
-  at::parallel_for(0, n, 16, [&](int64_t r0, int64_t r1) {
-    for (int64_t row = r0; row < r1; ++row) {
-      const uint8_t* tile = qp + (row / kTileRows) * kb * kInt4TileBytes;
-      for (int64_t kk = 0; kk < k; ++kk) {
-        const int64_t kin = kk % kBlock, i = row * k + kk;
-        const uint8_t byte = tile[(kk / kBlock) * kInt4TileBytes + int4_byte(row % kTileRows, kin)];
-        const float code = static_cast<float>(int4_high(kin) ? byte >> 4 : byte & 0xF);
-        wp[i] = std::fma(sp[i], code, mp[i]);
-      }
-    }
+  return dequantize_rows(qweight, n, k, dtype, [&](int64_t r, float* out) {
+    int4_packed_row(qweight, scales, offsets, group_size, k, r, out);
   });
-  return w.to(dtype);
 }
 
 at::Tensor int8_dequantize_cpu(const at::Tensor& qweight, const at::Tensor& scales, int64_t n, int64_t k,
                                at::ScalarType dtype) {
   const char* op = "flashgen::int8_dequantize";
   check_dequant_args(op, n, k, dtype);
-  const int64_t kb = blocks(k), sblocks = check_int8_packed(op, qweight, scales, k, n);
-  const at::Tensor q = qweight.contiguous();
-  const at::Tensor s = untile_rows(scales.to(at::kFloat), n, k, sblocks == 1 ? kb * kBlock : kBlock);
-  at::Tensor w = at::empty({n, k}, s.options());
-  const int8_t* qp = q.data_ptr<int8_t>();
-  const float* sp = s.data_ptr<float>();
-  float* wp = w.data_ptr<float>();
-  at::parallel_for(0, n, 16, [&](int64_t r0, int64_t r1) {
-    for (int64_t row = r0; row < r1; ++row) {
-      const int8_t* tile = qp + (row / kTileRows) * kb * kInt8TileBytes;
-      for (int64_t kk = 0; kk < k; ++kk)
-        wp[row * k + kk] = sp[row * k + kk] *
-                           static_cast<float>(tile[(kk / kBlock) * kInt8TileBytes + int8_byte(row % kTileRows, kk % kBlock)]);
-    }
-  });
-  return w.to(dtype);
+  check_int8_packed(op, qweight, scales, k, n);
+  return dequantize_rows(qweight, n, k, dtype, [&](int64_t r, float* out) { int8_packed_row(qweight, scales, k, r, out); });
 }
 
 }  // namespace
+
+void int4_packed_row(const at::Tensor& qweight, const at::Tensor& scales, const at::Tensor& offsets,
+                     int64_t group_size, int64_t k, int64_t row, float* out) {
+  const int64_t t = row / kTileRows, r = row % kTileRows, kb = k / kBlock, groups = k / group_size;
+  const uint8_t* tile = qweight.data_ptr<uint8_t>() + t * kb * kInt4TileBytes;
+  with_scale_type(scales, [&](auto type) {
+    using S = decltype(type);
+    const S* s = scales.data_ptr<S>() + t * groups * kTileRows + r;
+    const S* m = offsets.data_ptr<S>() + t * groups * kTileRows + r;
+    for (int64_t kk = 0; kk < k; ++kk) {
+      const int64_t kin = kk % kBlock, g = kk / group_size;
+      const uint8_t byte = tile[(kk / kBlock) * kInt4TileBytes + int4_byte(r, kin)];
+      const float code = static_cast<float>(int4_high(kin) ? byte >> 4 : byte & 0xF);
+      out[kk] = std::fma(static_cast<float>(s[g * kTileRows]), code, static_cast<float>(m[g * kTileRows]));
+    }
+  });
+}
+
+void int8_packed_row(const at::Tensor& qweight, const at::Tensor& scales, int64_t k, int64_t row, float* out) {
+  const int64_t t = row / kTileRows, r = row % kTileRows, kb = blocks(k), sblocks = scales.size(1);
+  const int8_t* tile = qweight.data_ptr<int8_t>() + t * kb * kInt8TileBytes;
+  with_scale_type(scales, [&](auto type) {
+    using S = decltype(type);
+    const S* s = scales.data_ptr<S>() + t * sblocks * kTileRows + r;
+    for (int64_t kk = 0; kk < k; ++kk)
+      out[kk] = static_cast<float>(s[(sblocks == 1 ? 0 : kk / kBlock) * kTileRows]) *
+                static_cast<float>(tile[(kk / kBlock) * kInt8TileBytes + int8_byte(r, kk % kBlock)]);
+  });
+}
 
 TORCH_LIBRARY_IMPL(flashgen, CPU, m) {
   m.impl("int4_prepack", &int4_prepack_cpu);
