@@ -44,7 +44,6 @@ def _is_number(v):
 KINDS = {
     "a positive integer": lambda v: _is_int(v) and 0 < v <= _MAX_SIZE,
     "an integer >= 0": lambda v: _is_int(v) and 0 <= v <= _MAX_SIZE,
-    "a finite number": _is_number,
     "a number > 0": lambda v: _is_number(v) and v > 0,
     "a number >= 0": lambda v: _is_number(v) and v >= 0,
     "true or false": lambda v: isinstance(v, bool),

