@@ -152,13 +152,13 @@ def _iq4_xs(b):  # d, scales_h u16, scales_l[4], qs[128]: 8 sub-blocks of 32, w 
 BLOCK_TYPES = {t.name: t for t in (
     BlockType("Q5_0", 6, 32, 22, _q5_0, True),
     BlockType("Q5_1", 7, 32, 24, _q5_1, True),
-    BlockType("Q2_K", 10, 256, 84, _q2_k, False),
+    BlockType("Q2_K", 10, 256, 84, _q2_k, True),
     BlockType("Q3_K", 11, 256, 110, _q3_k, True),
     BlockType("Q4_K", 12, 256, 144, _q4_k, True),
     BlockType("Q5_K", 13, 256, 176, _q5_k, True),
     BlockType("Q6_K", 14, 256, 210, _q6_k, True),
-    BlockType("IQ4_NL", 20, 32, 18, _iq4_nl, False),
-    BlockType("IQ4_XS", 23, 256, 136, _iq4_xs, False),
+    BlockType("IQ4_NL", 20, 32, 18, _iq4_nl, True),
+    BlockType("IQ4_XS", 23, 256, 136, _iq4_xs, True),
 )}
 BY_ID = {t.type_id: t for t in BLOCK_TYPES.values()}
 

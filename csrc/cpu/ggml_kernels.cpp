@@ -69,10 +69,17 @@ FLASHGEN_AVX512_VNNI inline __m512 halfx16(const uint8_t* p) {
   return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
 }
 
+// The IQ4 table as unsigned bytes (value + 128) in every 128-bit lane, for vpshufb: its zero is then 128.
+inline constexpr int kLutZero = 128;
+
 template <int KI, int R>
 FLASHGEN_AVX512_VNNI void tile_vnni(const QuantActs& x, const uint8_t* w, int64_t sbs, float* out, int64_t ldo) {
   constexpr Kind kd = kKinds[KI];
   constexpr int nb = kd.super / kBlock, halves = kBlock / kd.sub, gps = kd.sub / 4;
+  constexpr int zero = kd.lut ? kLutZero : kd.zero;
+  alignas(16) uint8_t lut_bytes[16];
+  for (int i = 0; i < 16; ++i) lut_bytes[i] = static_cast<uint8_t>(kIq4Values[i] + kLutZero);
+  const __m512i lut = _mm512_broadcast_i32x4(_mm_load_si128(reinterpret_cast<const __m128i*>(lut_bytes)));
   __m512 acc[R];
   for (int r = 0; r < R; ++r) acc[r] = _mm512_setzero_ps();
   for (int64_t s = 0; s < sbs; ++s) {
@@ -82,19 +89,28 @@ FLASHGEN_AVX512_VNNI void tile_vnni(const QuantActs& x, const uint8_t* w, int64_
     for (int b = 0; b < nb; ++b) {
       __m512i q[8];
       unpack512<KI>(p + b * kd.code_bytes(), q);
+      if constexpr (kd.lut)
+        for (int g = 0; g < 8; ++g) q[g] = _mm512_shuffle_epi8(lut, q[g]);
       const int64_t blk = s * nb + b;
       for (int h = 0; h < halves; ++h) {
         const int j = b * halves + h;
-        const __m512 scf = kd.scales ? int8x16(p + kd.sc_offset() + j * kTileRows) : _mm512_setzero_ps();
-        const __m512 mnf = kd.mins ? uint8x16(p + kd.mn_offset() + j * kTileRows) : _mm512_setzero_ps();
+        __m512 scf = _mm512_setzero_ps(), mnf = _mm512_setzero_ps();
+        if constexpr (kd.nibble_scales) {
+          const __m512i raw = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p + kd.sc_offset() + j * kTileRows)));
+          scf = _mm512_cvtepi32_ps(_mm512_and_si512(raw, _mm512_set1_epi32(0xF)));
+          mnf = _mm512_cvtepi32_ps(_mm512_srli_epi32(raw, 4));
+        } else {
+          if constexpr (kd.scales) scf = int8x16(p + kd.sc_offset() + j * kTileRows);
+          if constexpr (kd.mins) mnf = uint8x16(p + kd.mn_offset() + j * kTileRows);
+        }
         for (int r = 0; r < R; ++r) {
           const int8_t* a = x.a + r * x.a_stride + blk * kBlock;
           __m512i id = _mm512_setzero_si512();
           for (int g = h * gps; g < (h + 1) * gps; ++g) id = _mm512_dpbusd_epi32(id, q[g], _mm512_set1_epi32(load4(a + 4 * g)));
           const float xs = sub_sum(x, r, blk * 2 + h, kd.sub);
           const __m512 da = _mm512_set1_ps(x.d[r * x.d_stride + blk]);
-          const __m512 t = kd.zero ? _mm512_fmsub_ps(_mm512_cvtepi32_ps(id), da, _mm512_set1_ps(kd.zero * xs))
-                                   : _mm512_mul_ps(_mm512_cvtepi32_ps(id), da);
+          const __m512 t = zero ? _mm512_fmsub_ps(_mm512_cvtepi32_ps(id), da, _mm512_set1_ps(zero * xs))
+                                : _mm512_mul_ps(_mm512_cvtepi32_ps(id), da);
           sacc[r] = kd.scales ? _mm512_fmadd_ps(t, scf, sacc[r]) : _mm512_add_ps(t, sacc[r]);
           if constexpr (kd.mins) macc[r] = _mm512_fmadd_ps(mnf, _mm512_set1_ps(xs), macc[r]);
         }
@@ -155,7 +171,7 @@ inline __m256 halfx8(const uint8_t* p) { return _mm256_cvtph_ps(_mm_loadu_si128(
 
 // maddubs lanes of a run of groups summed in int16: each lane adds 2 products of at most max_code * 127.
 constexpr int run16(const Kind& kd, int gps) {
-  const int max_code = (1 << (kd.lo_bits + kd.hi_bits)) - 1;
+  const int max_code = kd.lut ? 127 : (1 << (kd.lo_bits + kd.hi_bits)) - 1;
   int run = 1;
   while (run * 2 <= gps && run * 2 * 2 * max_code * 127 <= 32767) run *= 2;
   return run;
@@ -166,6 +182,7 @@ void tile_avx2(const QuantActs& x, const uint8_t* w, int64_t sbs, float* out, in
   constexpr Kind kd = kKinds[KI];
   constexpr int nb = kd.super / kBlock, halves = kBlock / kd.sub, gps = kd.sub / 4, run = run16(kd, gps);
   const __m256i ones = _mm256_set1_epi16(1);
+  const __m256i lut = _mm256_broadcastsi128_si256(_mm_loadu_si128(reinterpret_cast<const __m128i*>(kIq4Values)));
   for (int rh = 0; rh < 2; ++rh) {  // rows 0-7, then 8-15 of the tile
     __m256 acc[R];
     for (int r = 0; r < R; ++r) acc[r] = _mm256_setzero_ps();
@@ -174,21 +191,34 @@ void tile_avx2(const QuantActs& x, const uint8_t* w, int64_t sbs, float* out, in
       __m256 sacc[R], macc[R];
       for (int r = 0; r < R; ++r) sacc[r] = _mm256_setzero_ps(), macc[r] = _mm256_setzero_ps();
       for (int b = 0; b < nb; ++b) {
-        __m256i q[8];
+        __m256i q[8], qs[8];  // qs: for the IQ4 table's signed values v, |v| in q and sign(v) in qs (maddubs
+                              // multiplies unsigned by signed bytes)
         unpack256<KI>(p + b * kd.code_bytes() + rh * 32, q);
+        if constexpr (kd.lut)
+          for (int g = 0; g < 8; ++g) qs[g] = _mm256_shuffle_epi8(lut, q[g]), q[g] = _mm256_abs_epi8(qs[g]);
         const int64_t blk = s * nb + b;
         for (int h = 0; h < halves; ++h) {
           const int j = b * halves + h;
-          const __m256 scf = kd.scales ? int8x8(p + kd.sc_offset() + j * kTileRows + rh * 8) : _mm256_setzero_ps();
-          const __m256 mnf = kd.mins ? uint8x8(p + kd.mn_offset() + j * kTileRows + rh * 8) : _mm256_setzero_ps();
+          __m256 scf = _mm256_setzero_ps(), mnf = _mm256_setzero_ps();
+          if constexpr (kd.nibble_scales) {
+            const __m256i raw = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p + kd.sc_offset() + j * kTileRows + rh * 8)));
+            scf = _mm256_cvtepi32_ps(_mm256_and_si256(raw, _mm256_set1_epi32(0xF)));
+            mnf = _mm256_cvtepi32_ps(_mm256_srli_epi32(raw, 4));
+          } else {
+            if constexpr (kd.scales) scf = int8x8(p + kd.sc_offset() + j * kTileRows + rh * 8);
+            if constexpr (kd.mins) mnf = uint8x8(p + kd.mn_offset() + j * kTileRows + rh * 8);
+          }
           for (int r = 0; r < R; ++r) {
             const int8_t* a = x.a + r * x.a_stride + blk * kBlock;
             // int16 pair sums of up to `run` maddubs stay exact (kRun16), then widen to int32 once per run
             __m256i id = _mm256_setzero_si256();
             for (int g0 = h * gps; g0 < (h + 1) * gps; g0 += run) {
               __m256i s16 = _mm256_setzero_si256();
-              for (int g = g0; g < g0 + run; ++g)
-                s16 = _mm256_add_epi16(s16, _mm256_maddubs_epi16(q[g], _mm256_set1_epi32(load4(a + 4 * g))));
+              for (int g = g0; g < g0 + run; ++g) {
+                __m256i av = _mm256_set1_epi32(load4(a + 4 * g));
+                if constexpr (kd.lut) av = _mm256_sign_epi8(av, qs[g]);
+                s16 = _mm256_add_epi16(s16, _mm256_maddubs_epi16(q[g], av));
+              }
               id = _mm256_add_epi32(id, _mm256_madd_epi16(s16, ones));
             }
             const float xs = sub_sum(x, r, blk * 2 + h, kd.sub);

@@ -17,7 +17,8 @@ namespace flashgen::cpu::quant::ggml {
 const Kind& kind_of(int64_t type, const char* op) {
   for (const Kind& k : kKinds)
     if (k.type == type) return k;
-  TORCH_CHECK(false, op, ": GGML type ", type, " has no CPU kernel (supported: Q5_0, Q5_1, Q3_K, Q4_K, Q5_K, Q6_K)");
+  TORCH_CHECK(false, op, ": GGML type ", type,
+              " has no CPU kernel (supported: Q5_0, Q5_1, Q2_K, Q3_K, Q4_K, Q5_K, Q6_K, IQ4_NL, IQ4_XS)");
 }
 
 namespace {
@@ -59,6 +60,28 @@ void decode(int64_t type, const uint8_t* b, Decoded& o) {
       }
       o.sc[0] = 1, o.d = half_at(b);
       if (type == kQ5_1) o.mn[0] = 1, o.dmin = half_at(b + 2) ^ 0x8000;  // dmin = -m (a sign flip, exact)
+      return;
+    }
+    case kQ2_K: {  // scales[16] (scale | min << 4), qs[64], d, dmin: value 128 n + 32 j + l in bits 2j of qs[32 n + l]
+      for (int i = 0; i < 16; ++i) o.sc[i] = static_cast<int8_t>(b[i] & 0xF), o.mn[i] = b[i] >> 4;
+      for (int n = 0; n < 2; ++n)
+        for (int j = 0; j < 4; ++j)
+          for (int l = 0; l < 32; ++l) o.q[n * 128 + j * 32 + l] = (b[16 + n * 32 + l] >> (2 * j)) & 3;
+      o.d = half_at(b + 80), o.dmin = half_at(b + 82);
+      return;
+    }
+    case kIQ4_NL: {  // d, qs[16] (value j low nibble, j + 16 high)
+      for (int j = 0; j < 16; ++j) o.q[j] = b[2 + j] & 0xF, o.q[j + 16] = b[2 + j] >> 4;
+      o.sc[0] = 1, o.d = half_at(b);
+      return;
+    }
+    case kIQ4_XS: {  // d, scales_h (u16), scales_l[4], qs[128]: 8 sub-blocks of 32, scale ls - 32 of 6 bits
+      const uint16_t sh = half_at(b + 2);
+      for (int i = 0; i < 8; ++i) {
+        o.sc[i] = static_cast<int8_t>((((b[4 + i / 2] >> (4 * (i % 2))) & 0xF) | (((sh >> (2 * i)) & 3) << 4)) - 32);
+        for (int j = 0; j < 16; ++j) o.q[32 * i + j] = b[8 + 16 * i + j] & 0xF, o.q[32 * i + 16 + j] = b[8 + 16 * i + j] >> 4;
+      }
+      o.d = half_at(b);
       return;
     }
     case kQ3_K: {  // hmask[32], qs[64], scales[12], d
@@ -136,7 +159,12 @@ void put_row(const Kind& kd, const Decoded& o, int64_t r, uint8_t* tile) {
     }
   }
   for (int64_t j = 0; j < kd.subs(); ++j) {
-    if (kd.scales) tile[kd.sc_offset() + j * kTileRows + r] = static_cast<uint8_t>(o.sc[j]);
+    uint8_t* at = tile + kd.sc_offset() + j * kTileRows + r;
+    if (kd.nibble_scales) {
+      *at = static_cast<uint8_t>(o.sc[j]) | o.mn[j] << 4;
+      continue;
+    }
+    if (kd.scales) *at = static_cast<uint8_t>(o.sc[j]);
     if (kd.mins) tile[kd.mn_offset() + j * kTileRows + r] = o.mn[j];
   }
   std::memcpy(tile + kd.d_offset() + 2 * r, &o.d, 2);
@@ -155,8 +183,9 @@ Decoded get_row(const Kind& kd, const uint8_t* tile, int64_t r) {
     o.q[f] = lo | (hi << kd.lo_bits);
   }
   for (int64_t j = 0; j < kd.subs(); ++j) {
-    o.sc[j] = kd.scales ? static_cast<int8_t>(tile[kd.sc_offset() + j * kTileRows + r]) : 1;
-    o.mn[j] = kd.mins ? tile[kd.mn_offset() + j * kTileRows + r] : 0;
+    const uint8_t sc = kd.scales ? tile[kd.sc_offset() + j * kTileRows + r] : 1;
+    o.sc[j] = static_cast<int8_t>(kd.nibble_scales ? sc & 0xF : sc);
+    o.mn[j] = !kd.mins ? 0 : kd.nibble_scales ? sc >> 4 : tile[kd.mn_offset() + j * kTileRows + r];
   }
   std::memcpy(&o.d, tile + kd.d_offset() + 2 * r, 2);
   if (kd.mins) std::memcpy(&o.dmin, tile + kd.dmin_offset() + 2 * r, 2);
@@ -216,7 +245,8 @@ void packed_row(const at::Tensor& packed, int64_t type, int64_t k, int64_t row, 
     float* y = out + s * kd.super;
     for (int64_t f = 0; f < kd.super; ++f) {
       const int64_t j = f / kd.sub;
-      const float v = (d * static_cast<float>(o.sc[j])) * static_cast<float>(int(o.q[f]) - kd.zero);
+      const int code = kd.lut ? kIq4Values[o.q[f]] : int(o.q[f]) - kd.zero;
+      const float v = (d * static_cast<float>(o.sc[j])) * static_cast<float>(code);
       y[f] = kd.mins ? v - dmin * static_cast<float>(o.mn[j]) : v;
     }
   }
