@@ -7,7 +7,7 @@ PROMPT ?= Explain in two sentences why the sky is blue.
 # Stamp of the last in-place build of the extensions; the editable install's own build counts as one.
 BUILT := build/.flashgen-built
 
-.PHONY: setup build generate test bench clean
+.PHONY: setup build generate test bench bench-llamacpp clean
 setup: $(VENV)/.installed
 
 $(VENV)/.installed:
@@ -33,6 +33,23 @@ test: build
 
 bench: build
 	$(VENV)/bin/pytest -q benchmarks --benchmark-only
+
+# flashgen vs llama.cpp on the same GGUF files (benchmarks/bench_gguf.py). llama-cpp-python is a benchmark-only
+# dependency, built from its sdist for this CPU on one core (the other stays free for whoever shares the machine);
+# the 1B-class files are written once into $(BENCH_CACHE), outside the repository.
+BENCH_CACHE ?= $(HOME)/.cache/flashgen-bench
+BENCH_ARGS ?= -r 3
+LLAMACPP := $(VENV)/.llama-cpp-python-installed
+
+$(LLAMACPP): | setup
+	CMAKE_ARGS="-DGGML_NATIVE=ON -DLLAVA_BUILD=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF \
+		-DLLAMA_BUILD_TOOLS=OFF -DLLAMA_BUILD_SERVER=OFF" CMAKE_BUILD_PARALLEL_LEVEL=1 MAKEFLAGS=-j1 \
+		$(PY) -m pip install --no-binary llama-cpp-python llama-cpp-python
+	touch $@
+
+bench-llamacpp: build $(LLAMACPP)
+	$(PY) benchmarks/gguf_models.py --cache $(BENCH_CACHE)
+	$(PY) benchmarks/bench_gguf.py --cache $(BENCH_CACHE) $(BENCH_ARGS)
 
 clean:
 	rm -rf build flashgen/*.so
