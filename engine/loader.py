@@ -203,7 +203,7 @@ def _hf_tensors(c, src):
         return lambda: src.get(name).t() if transpose else src.get(name)
 
     def cat(*names):
-        return lambda: torch.cat([src.get(n) for n in names])
+        return lambda: torch.cat(_check_parts(src.source, names, [src.get(n) for n in names]))
 
     if gpt2:
         plan = {"tok_embeddings.weight": one(root + "wte.weight"), "pos_embeddings.weight": one(root + "wpe.weight"),
@@ -284,7 +284,10 @@ def _gguf_tensors(c, f, dtype, native):
             return one(f"{blk}attn_qkv.{kind}")
 
         def load():
-            q, k, v = (f.get(f"{blk}attn_{x}.{kind}", dtype, native) for x in "qkv")
+            names = [f"{blk}attn_{x}.{kind}" for x in "qkv"]
+            q, k, v = (f.get(n, dtype, native) for n in names)
+            if kind == "weight":
+                _check_parts(f.path, names, (q, k, v), (c.q_size, c.kv_size, c.kv_size))
             if unpermute:
                 q, k = _unpermute_rope(q, c.num_heads), _unpermute_rope(k, c.num_kv_heads)
             return _cat_rows([q, k, v])
@@ -314,15 +317,24 @@ def _gguf_tensors(c, f, dtype, native):
             plan[o + "attn.q_norm.weight"] = one(b + "attn_q_norm.weight")
             plan[o + "attn.k_norm.weight"] = one(b + "attn_k_norm.weight")
         if f"{b}ffn_gate.weight" in f:
-            plan[o + "mlp.w_in.weight"] = (lambda b=b: _cat_rows([f.get(f"{b}ffn_{x}.weight", dtype, native)
-                                                                   for x in ("gate", "up")]))
+            plan[o + "mlp.w_in.weight"] = lambda b=b: _cat_rows(_check_parts(
+                f.path, [f"{b}ffn_gate.weight", f"{b}ffn_up.weight"],
+                [f.get(f"{b}ffn_{x}.weight", dtype, native) for x in ("gate", "up")]))
         else:  # Phi-3 stores gate|up fused in ffn_up; GPT-2 has no gate
             plan[o + "mlp.w_in.weight"] = one(b + "ffn_up.weight")
         if f"{b}ffn_up.bias" in f:
             plan[o + "mlp.w_in.bias"] = one(b + "ffn_up.bias")
     if "rope_freqs.weight" in f:  # Llama 3 rope scaling, stored as per-frequency divisors of inv_freq
-        plan["inv_freq"] = lambda: rope_inv_freq(c) / f.get("rope_freqs.weight", torch.float32)
+        plan["inv_freq"] = lambda: rope_inv_freq(c) / _rope_freqs(f, c)
     return _FilePlan(f, plan)
+
+
+def _rope_freqs(f, c):
+    freqs = f.get("rope_freqs.weight", torch.float32)
+    if tuple(freqs.shape) != (c.rotary_dim // 2,):
+        raise CheckpointError(f"{f.path}: rope_freqs.weight must have rotary_dim / 2 = {c.rotary_dim // 2} entries, "
+                              f"got shape {tuple(freqs.shape)}")
+    return freqs
 
 
 def _unpermute_rope(w, heads):
@@ -331,6 +343,20 @@ def _unpermute_rope(w, heads):
     d = rows // heads
     index = torch.arange(rows).reshape(heads, d // 2, 2).transpose(1, 2).reshape(-1)
     return _take_rows(w, index)
+
+
+def _check_parts(source, names, parts, rows=None):
+    """The parts of a fused projection must be matrices over the same inputs (or all vectors: biases), with `rows`
+    outputs each if given: else a CheckpointError naming the file and the tensors."""
+    shapes = [tuple(p.shape) for p in parts]
+    ok = all(len(sh) == 1 for sh in shapes) or (all(len(sh) == 2 for sh in shapes) and len({sh[1] for sh in shapes}) == 1)
+    if ok and rows is not None:
+        ok = [sh[0] for sh in shapes] == list(rows)
+    if not ok:
+        want = "" if rows is None else f" with {list(rows)} rows"
+        raise CheckpointError(f"{source}: {', '.join(names)} must be matrices over the same in_features{want}, got "
+                              f"shapes {shapes}")
+    return parts
 
 
 def _take_rows(w, index):
@@ -392,7 +418,7 @@ def _build(config, plan, device, dtype, quant, group_size):
             _set_module(model, module_name, StackedLinear([p.to(device) if isinstance(p, QuantizedWeight)
                                                            else p.to(device, dtype) for p in value]))
             continue
-        if isinstance(value, QuantizedWeight) and quant == "none":
+        if isinstance(value, QuantizedWeight) and (quant == "none" or name == "pos_embeddings.weight"):
             value = value.dequantize(dtype)
         if isinstance(value, QuantizedWeight):
             _set_quantized(model, module_name, value.to(device))

@@ -722,32 +722,6 @@ class Worker:
             self.proc = None
 
 
-# Failures whose fix lies in engine/loader.py code outside _read_hf / _read_gguf / _SafetensorsFolder (which this
-# test's fixes were limited to): a line of the traceback -> the fix it needs. Each has an expected-failure test
-# below (test_known_bug); the fuzzer logs these instead of failing on them.
-_ROPE_FREQS_BUG = ("loader._gguf_tensors divides inv_freq by rope_freqs.weight without checking that it is 1-D with "
-                   "rotary_dim / 2 entries (RuntimeError from the division or the C++ step)")
-KNOWN_BUGS = {
-    ", in _unpermute_rope\n": "loader._gguf_tensors un-permutes blk.N.attn_q / attn_k without checking that they are "
-                              "2-D with num_heads (num_kv_heads) x head_dim rows: reshape raises a RuntimeError",
-    ", in _cat_rows\n": "loader._cat_rows stacks the q|k|v or gate|up parts of a GGUF file without checking that "
-                       "they are 2-D with the same in_features: QuantizedWeight.cat / torch.cat raise without the "
-                       "file's name",
-    "value[0].shape[1]": "loader._cat_rows returns mixed-format parts as a list without checking they are 2-D, and "
-                         "_build's shape of the list indexes shape[1] (IndexError)",
-    'rope_inv_freq(c) / f.get("rope_freqs.weight"': _ROPE_FREQS_BUG,
-    "flashgen.CpuDecoder: inv_freq must be": _ROPE_FREQS_BUG,  # (1, n) broadcasts, then the C++ step refuses it
-    "torch.cat([src.get(n) for n in names])": "loader._hf_tensors' cat stacks q|k|v or gate|up without checking "
-                                              "their shapes: torch.cat raises a RuntimeError",
-    ", in _set_quantized\n": "loader._build swaps in a QuantizedLinear for any quantized tensor but the token "
-                             "embedding: a Q4_0 / Q8_0 position_embd.weight meets an nn.Embedding (AttributeError)",
-}
-
-
-def known_bug(reply):
-    return next((fix for line, fix in KNOWN_BUGS.items() if line in reply.get("trace", "")), None)
-
-
 def check(case, reply):
     """None if the reply is acceptable for the case, else why not."""
     if reply["outcome"] == "ok":
@@ -807,11 +781,8 @@ def test_fuzz_checkpoints(seeds, tmp_path, _fresh_seed):
     failures = []
     for case, reply in zip(cases, replies):
         problem = check(case, reply)
-        known = problem and known_bug(reply)
-        outcomes[(case.family, "known bug" if known else "failed" if problem else reply["outcome"])] += 1
-        if known:
-            log.warning("case %d [%s] %s: known bug (%s)", case.index, case.family, case.mutation.note, known)
-        elif problem:
+        outcomes[(case.family, "failed" if problem else reply["outcome"])] += 1
+        if problem:
             failures.append(f"case {case.index} [{case.family}] {case.mutation.note} ({case.path}): {problem}")
     log.info("fuzz seed %d: %d cases in %.1f s: %s", seed, n, time.perf_counter() - start,
              ", ".join(f"{f} {o} {k}" for (f, o), k in sorted(outcomes.items())))
@@ -941,21 +912,19 @@ def _quantize_tensor(name, qtype):
     return edit
 
 
-# The known bugs above, one case each: (seed, the files it changes, the line of KNOWN_BUGS it fails at, whether the
-# loader should refuse it with a CheckpointError naming the file or load it).
-KNOWN_BUG_CASES = {
+# Cases the fuzzer found in the loader's fused projections, rope factors and learned positions: (the seed file, its
+# changes, whether the loader must refuse it with a CheckpointError naming the file or load it).
+LOADER_CASES = {
     "gguf-attn-q-rows": ("gguf", lambda s: _gguf_edit(s, "gguf", _tensor_edit("blk.1.attn_q.weight", 1, [64, 65])),
-                         ", in _unpermute_rope\n", "refuse"),
+                         "refuse"),
     "gguf-gate-up-widths": ("gguf", lambda s: _gguf_edit(s, "gguf", _tensor_edit("blk.1.ffn_gate.weight", 1,
-                                                                                   [96, 64])),
-                            ", in _cat_rows\n", "refuse"),
+                                                                                   [96, 64])), "refuse"),
     "hf-qkv-shapes": ("hf", lambda s: _safetensors_edit(
-        s, lambda h: h["model.layers.0.self_attn.k_proj.weight"].update(shape=[64, 32])),
-        "torch.cat([src.get(n) for n in names])", "refuse"),
+        s, lambda h: h["model.layers.0.self_attn.k_proj.weight"].update(shape=[64, 32])), "refuse"),
     "gguf-rope-freqs": ("gguf", lambda s: _gguf_edit(s, "gguf", _tensor_edit("rope_freqs.weight", 1, [9])),
-                        'rope_inv_freq(c) / f.get("rope_freqs.weight"', "refuse"),
+                        "refuse"),
     "gguf-quantized-positions": ("gpt2_gguf", lambda s: _gguf_edit(s, "gpt2_gguf", _quantize_tensor(
-        "position_embd.weight", gguf.GGMLQuantizationType.Q8_0)), ", in _set_quantized\n", "load"),
+        "position_embd.weight", gguf.GGMLQuantizationType.Q8_0)), "load"),
 }
 
 
@@ -975,14 +944,11 @@ def test_regression(seeds, tmp_path, name):
     assert "\n" not in str(info.value)
 
 
-@pytest.mark.parametrize("name", [
-    pytest.param(n, marks=pytest.mark.xfail(strict=False, reason=KNOWN_BUGS[line],
-                                            raises=(RuntimeError, ValueError, AttributeError)))
-    for n, (_, _, line, _) in KNOWN_BUG_CASES.items()])
-def test_known_bug(seeds, tmp_path, name):
+@pytest.mark.parametrize("name", LOADER_CASES)
+def test_loader_case(seeds, tmp_path, name):
     from fuzz_worker import load_and_generate
 
-    base, changes, _, expect = KNOWN_BUG_CASES[name]
+    base, changes, expect = LOADER_CASES[name]
     case = _write_case(seeds, str(tmp_path), name, base, changes(seeds))
     if expect == "load":
         load_and_generate(case.path)
