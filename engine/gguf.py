@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 from flashgen.kernels import ggml
-from flashgen.kernels.quant import from_gguf
+from flashgen.kernels.quant import QuantizedWeight, from_gguf
 
 GGUF_MAGIC = b"GGUF"
 
@@ -24,7 +24,8 @@ GGUF_MAGIC = b"GGUF"
 def native_types(device):
     """The GGUF block types kept quantized on `device` (those its kernels compute); the rest load as float."""
     cpu = torch.device(device).type == "cpu"
-    return ("Q4_0", "Q4_1", "Q8_0") + tuple(t.name for t in ggml.BLOCK_TYPES.values() if cpu and t.cpu_kernel)
+    return ("Q4_0", "Q4_1", "Q8_0") + (("F16", "BF16") if cpu else ()) + tuple(
+        t.name for t in ggml.BLOCK_TYPES.values() if cpu and t.cpu_kernel)
 
 
 class CheckpointError(ValueError):
@@ -212,6 +213,9 @@ class GGUFFile:
         t = self._tensor(name)
         kind = t.tensor_type.name
         shape = self.shape(name)
+        if kind in ("F16", "BF16") and kind in native and len(shape) == 2:  # kept 16-bit: a view of the file
+            half = torch.from_numpy(t.data).view(torch.float16 if kind == "F16" else torch.bfloat16).reshape(shape)
+            return QuantizedWeight("float16" if kind == "F16" else "bfloat16", half, dtype=dtype)
         if kind in ("F32", "F16"):
             return torch.from_numpy(np.array(t.data)).reshape(shape).to(dtype)
         if kind == "BF16":

@@ -27,6 +27,7 @@ from .tokenizer import gguf_tokenizer, load_hf_tokenizer
 log = logging.getLogger("flashgen")
 QUANT_MODES = (None, "none", "int8", "int4")
 _LINEARS = ("attn.wqkv", "attn.wo", "mlp.w_in", "mlp.w_out")
+_HALVES = {torch.float16: "float16", torch.bfloat16: "bfloat16"}  # 16-bit float weights kept so on the CPU
 
 
 @dataclass
@@ -41,7 +42,8 @@ def load_model(path, device="cpu", dtype=None, quant=None, group_size=32, max_se
                kv_cache_dtype=None):
     """Load a Hugging Face folder or a .gguf file into a Transformer with a KV cache.
 
-    dtype: activation / float-weight dtype (default float32 on CPU, bfloat16 on CUDA).
+    dtype: activation / float-weight dtype (default float32 on CPU, bfloat16 on CUDA). float16 / bfloat16 matrices
+        of a float32 CPU model stay 16-bit (quant None), computed in float32 by the CPU kernels.
     quant: None keeps the checkpoint's format (GGUF block types native, float stays float); "none"
         dequantizes everything to float; "int8" / "int4" quantize the float linears (group_size for int4).
     max_seq_len: KV cache length (default min(context length, 4096)).
@@ -394,12 +396,17 @@ def _build(config, plan, device, dtype, quant, group_size):
         raise CheckpointError(f"{config.source}: the checkpoint lacks {len(missing)} tensors the config implies, "
                               f"e.g. {missing[:4]}")
     source = config.source
+    keep_16bit = quant is None and device.type == "cpu" and dtype == torch.float32
     for name, load in tqdm(plan.items(), desc="loading weights", unit="tensor", leave=False,
                            disable=not log.isEnabledFor(logging.INFO)):
         value = load()
         if name == "inv_freq":
             model.inv_freq = value.to(device)
             continue
+        owner, _, attr = name.rpartition(".")
+        if keep_16bit and isinstance(value, torch.Tensor) and value.dim() == 2 and value.dtype in _HALVES and (
+                attr == "weight" and (owner.endswith(_LINEARS) or owner in ("output", "tok_embeddings"))):
+            value = QuantizedWeight(_HALVES[value.dtype], value)  # no float32 copy: the CPU kernels widen it
         if name not in expected:
             raise CheckpointError(f"{source}: unexpected tensor for {name}")
         want = tuple(expected[name].shape)

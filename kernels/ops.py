@@ -224,6 +224,9 @@ INT8_DEQUANTIZE = _define(
     reference.int8_dequantize,
 )
 
+# float16 / bfloat16 weights kept 16-bit under float32 activations (half the bytes of a float32 copy).
+HALF_LINEAR = _define("half_linear(Tensor x, Tensor weight, Tensor? bias) -> Tensor", reference.half_linear)
+
 # GGML block types (kernels/ggml.py): `blocks` uint8 (N, K / block * block_bytes), the file's own bytes.
 GGML_PREPACK = _define("ggml_prepack(Tensor blocks, int ggml_type, int in_features) -> Tensor", reference.ggml_prepack)
 GGML_LINEAR = _define(
@@ -320,6 +323,10 @@ def _(x, qweight, scales, out_features, bias):
     return _linear_fake(x, out_features)
 
 
+@torch.library.register_fake(HALF_LINEAR)
+def _(x, weight, bias):
+    return _linear_fake(x, weight.shape[0])
+
 @torch.library.register_fake(GGML_LINEAR)
 def _(x, packed, ggml_type, out_features, bias):
     return _linear_fake(x, out_features)
@@ -366,3 +373,18 @@ for _op in (INT8_LINEAR, INT8_LINEAR_DYNAMIC):
         _op, _qlinear_backward(torch.ops.flashgen.int8_dequantize.default, 3), setup_context=_qlinear_setup)
 torch.library.register_autograd(
     GGML_LINEAR, _qlinear_backward(torch.ops.flashgen.ggml_dequantize.default, 3), setup_context=_qlinear_setup)
+
+
+def _half_setup(ctx, inputs, output):
+    x, weight, bias = inputs
+    ctx.has_bias = bias is not None
+    ctx.save_for_backward(weight)
+
+
+def _half_backward(ctx, dy):
+    (weight,) = ctx.saved_tensors
+    db = dy.reshape(-1, dy.shape[-1]).sum(0) if ctx.has_bias else None
+    return dy @ weight.to(dy.dtype), None, db
+
+
+torch.library.register_autograd(HALF_LINEAR, _half_backward, setup_context=_half_setup)

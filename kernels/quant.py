@@ -11,6 +11,7 @@ Canonical formats (what a QuantizedWeight stores, the same on every device):
       w[n, k] = scales[n, k // block] * q[n, k]
 - GGML block types (Q4_K, Q6_K, Q5_0, ... kernels/ggml.py): `qweight` uint8 (N, K / block * block_bytes), the
   GGUF file's own blocks, lossless and as compact as the file.
+- float16 / bfloat16: `qweight` is the 16-bit W (N, K) itself, kept so under float32 activations.
 
 A format is one QuantFormat object of FORMATS (its tensors, checks, dequantizer and kernel ops).
 
@@ -118,6 +119,38 @@ class _Int8(QuantFormat):
         return mode, 0
 
 
+class _Half(QuantFormat):
+    """float16 / bfloat16 weights kept 16-bit (exact) under float32 activations: qweight is W itself, (N, K)."""
+
+    def __init__(self, dtype):
+        self.torch_dtype = dtype
+        self.name = str(dtype).removeprefix("torch.")
+        self.modes = (self.name,)
+
+    def in_features(self, qweight, group_size):
+        return qweight.shape[1]
+
+    def check(self, w):
+        if w.scales is not None or w.offsets is not None or w.group_size is not None:
+            raise ValueError(f"{self.name} weights take no scales, offsets or group_size")
+        _expect(w.qweight, "qweight", self.torch_dtype, w.shape)
+
+    def tensors(self, w):
+        return (w.qweight,)
+
+    def dequantize(self, w, dtype):
+        return w.qweight.to(dtype)
+
+    def prepack(self, w):
+        return (w.qweight.contiguous(),)
+
+    def linear(self, x, w, bias, mode):
+        return torch.ops.flashgen.half_linear(x, *w.packed(), bias)
+
+    def cpu_linear(self, w, mode):
+        return "half", 0
+
+
 class _GGML(QuantFormat):
     """A GGML block type kept in its blocks (kernels/ggml.py): qweight uint8 (N, K / block * block_bytes)."""
 
@@ -151,7 +184,8 @@ class _GGML(QuantFormat):
         return "ggml", self.block_type.type_id
 
 
-FORMATS = {f.name: f for f in (_Int4(), _Int8(), *(_GGML(t) for t in ggml.BLOCK_TYPES.values()))}
+FORMATS = {f.name: f for f in (_Int4(), _Int8(), _Half(torch.float16), _Half(torch.bfloat16),
+                                *(_GGML(t) for t in ggml.BLOCK_TYPES.values()))}
 
 
 def quant_format(name):

@@ -272,6 +272,12 @@ def int4_linear(x, qweight, scales, offsets, group_size, out_features, bias):
     return _linear(x, w, bias)
 
 
+def half_linear(x, weight, bias):
+    """y = x @ W^T + bias for a float16 / bfloat16 W kept 16-bit: W widened exactly, in float32 (float64 for float64
+    x)."""
+    return _linear(x, weight, bias)
+
+
 def ggml_prepack(blocks, ggml_type, in_features):
     """The GGML blocks themselves (a copy)."""
     return blocks.clone()

@@ -108,7 +108,7 @@ def test_step_errors(tiny_models):
     model.cache.seqlens[0] = model.cache.max_seq_len
     with pytest.raises(RuntimeError, match="no room"):
         model.decode(torch.tensor([5]))
-    with pytest.raises(RuntimeError, match="kind must be float, int4"):
+    with pytest.raises(RuntimeError, match="kind must be float, half, int4"):
         torch.classes.flashgen.CpuLinear("int3", [torch.zeros(2, 2)], None, 2, 2, 0)
     with pytest.raises(RuntimeError, match="float32 CPU tensor of shape"):
         torch.classes.flashgen.CpuLinear("float", [torch.zeros(2, 3)], None, 2, 2, 0)

@@ -41,7 +41,7 @@ void check_f32(const at::Tensor& t, const char* name, at::IntArrayRef shape) {
 // parts of different formats along its outputs (a fused projection whose checkpoint tensors differ in type,
 // such as Q4_K q, k with a Q6_K v): each part computes its columns.
 struct CpuLinear : torch::CustomClassHolder {
-  enum Kind { kFloat, kInt4, kInt8, kInt8Dynamic, kGgml };
+  enum Kind { kFloat, kHalf, kInt4, kInt8, kInt8Dynamic, kGgml };
   struct Part {
     Kind kind;
     int64_t out, param;  // param: int4 group size, GGML type
@@ -83,6 +83,11 @@ struct CpuLinear : torch::CustomClassHolder {
         return quant::int8_packed_row(p.w[0], p.w[1], in, index, dst);
       case kGgml:
         return quant::ggml::packed_row(p.w[0], p.param, in, index, dst);
+      case kHalf: {
+        at::Tensor row = at::from_blob(dst, {in});
+        row.copy_(p.w[0][index]);
+        return;
+      }
       case kFloat:
         std::copy_n(p.w[0].data_ptr<float>() + index * in, in, dst);
     }
@@ -116,13 +121,16 @@ struct CpuLinear : torch::CustomClassHolder {
  private:
   void add_part(const std::string& kind_name, std::vector<at::Tensor> w, int64_t n, int64_t param) {
     const char* op = "flashgen.CpuLinear";
-    const Kind kind = kind_name == "float" ? kFloat : kind_name == "int4" ? kInt4 : kind_name == "int8" ? kInt8
-                      : kind_name == "int8_dynamic" ? kInt8Dynamic : kind_name == "ggml" ? kGgml : Kind(-1);
-    TORCH_CHECK(kind != Kind(-1), op, ": kind must be float, int4, int8, int8_dynamic or ggml, got ", kind_name);
+    const Kind kind = kind_name == "float" ? kFloat : kind_name == "half" ? kHalf : kind_name == "int4" ? kInt4
+                      : kind_name == "int8" ? kInt8 : kind_name == "int8_dynamic" ? kInt8Dynamic
+                      : kind_name == "ggml" ? kGgml : Kind(-1);
+    TORCH_CHECK(kind != Kind(-1), op, ": kind must be float, half, int4, int8, int8_dynamic or ggml, got ", kind_name);
     const size_t want = kind == kInt4 ? 3 : kind == kInt8 || kind == kInt8Dynamic ? 2 : 1;
     TORCH_CHECK(w.size() == want, op, ": kind ", kind_name, " takes ", want, " weight tensors, got ", w.size());
     if (kind == kFloat)
       check_f32(w[0], "a float linear's weight", {n, in});
+    else if (kind == kHalf)
+      quant::check_half(op, w[0], in, n);
     else if (kind == kInt4)
       quant::check_int4_packed(op, w[0], w[1], w[2], in, n, param);
     else if (kind == kGgml)
@@ -142,6 +150,8 @@ struct CpuLinear : torch::CustomClassHolder {
         return quant::int8_linear_rows(x, m, in, p.w[0], p.w[1], p.out, p.kind == kInt8Dynamic, y, scratch);
       case kGgml:
         return quant::ggml::linear_rows(x, m, in, p.w[0], p.param, p.out, y, scratch);
+      case kHalf:
+        return quant::half_linear_rows(x, m, in, p.w[0], p.out, y);
       case kFloat: {
         at::Tensor y_t = at::from_blob(y, {m, p.out});
         at::mm_out(y_t, at::from_blob(const_cast<float*>(x), {m, in}), p.w[0].t());

@@ -109,5 +109,9 @@ void int4_linear_rows(const float* x, int64_t m, int64_t k, const at::Tensor& qw
                       const at::Tensor& offsets, int64_t group_size, int64_t n, float* y, ActScratch& scratch);
 void int8_linear_rows(const float* x, int64_t m, int64_t k, const at::Tensor& qweight, const at::Tensor& scales,
                       int64_t n, bool dynamic, float* y, ActScratch& scratch);
+// y (m, n) float32 = x (m, k) W^T for a float16 / bfloat16 W (n, k) kept 16-bit (checked by check_half): exact
+// weights, float32 products (rows of W widened in L2-sized chunks).
+void half_linear_rows(const float* x, int64_t m, int64_t k, const at::Tensor& w, int64_t n, float* y);
+void check_half(const char* op, const at::Tensor& w, int64_t k, int64_t n);
 
 }  // namespace flashgen::cpu::quant

@@ -10,6 +10,7 @@
 // - int8_linear_dynamic (W8A8): x is quantized per row (d = max|x| / 127, the same float32 operations as
 //   reference.quantize_rows_int8, so the codes are identical) and the row's products accumulate in int32;
 //   with per-block weight scales each block's int32 sum is scaled and accumulated in float32.
+// - half_linear (float16 / bfloat16 weights kept 16-bit): exact weights, float32 products, x unrounded.
 // - ggml_linear (GGUF block types, ggml.h): x quantized per block of 32 as for int4; the codes' integer products
 //   are scaled per sub-block in float32 (ggml_kernels.cpp), so the same bound holds.
 // The result is returned in x's dtype. Threads: OpenMP over output features (tiles of 16).
@@ -208,6 +209,29 @@ void check_bias(const at::Tensor& bias, int64_t n, const char* op) {
               bias.scalar_type(), " on ", bias.device());
 }
 
+void check_half(const char* op, const at::Tensor& w, int64_t k, int64_t n) {
+  TORCH_CHECK(w.device().is_cpu() && (w.scalar_type() == at::kHalf || w.scalar_type() == at::kBFloat16) &&
+                  w.is_contiguous() && w.dim() == 2 && w.size(0) == n && w.size(1) == k,
+              op, ": weight must be a contiguous float16 or bfloat16 CPU tensor of shape (", n, ", ", k, "), got ",
+              w.scalar_type(), " ", w.sizes(), " on ", w.device());
+}
+
+void half_linear_rows(const float* x, int64_t m, int64_t k, const at::Tensor& w, int64_t n, float* y) {
+  if (m == 0) return;
+  const int64_t chunk = std::max<int64_t>(16, (int64_t{1} << 17) / k);  // rows widened at once: ~512 KB float32
+  const at::Tensor xt = at::from_blob(const_cast<float*>(x), {m, k});
+  at::parallel_for(0, (n + chunk - 1) / chunk, 1, [&](int64_t c0, int64_t c1) {
+    at::Tensor wide = at::empty({chunk, k}, at::kFloat), part = at::empty({m, chunk}, at::kFloat);
+    for (int64_t c = c0; c < c1; ++c) {
+      const int64_t r0 = c * chunk, rows = std::min(chunk, n - r0);
+      at::Tensor wr = wide.narrow(0, 0, rows), pr = part.narrow(1, 0, rows);
+      wr.copy_(w.narrow(0, r0, rows));
+      at::mm_out(pr, xt, wr.t());
+      for (int64_t i = 0; i < m; ++i) std::memcpy(y + i * n + r0, pr[i].data_ptr<float>(), rows * sizeof(float));
+    }
+  });
+}
+
 void int4_linear_rows(const float* x, int64_t m, int64_t k, const at::Tensor& qweight, const at::Tensor& scales,
                       const at::Tensor& offsets, int64_t group_size, int64_t n, float* y, ActScratch& scratch) {
   if (m == 0) return;
@@ -285,9 +309,21 @@ at::Tensor ggml_linear_cpu(const at::Tensor& x, const at::Tensor& packed, int64_
   return finish(y, x, bias, out_features, op);
 }
 
+at::Tensor half_linear_cpu(const at::Tensor& x, const at::Tensor& w, const std::optional<at::Tensor>& bias) {
+  const char* op = "flashgen::half_linear";
+  check_x(x, op);
+  TORCH_CHECK(w.dim() == 2, op, ": weight must be 2-D (out_features, in_features), got ", w.sizes());
+  check_half(op, w, x.size(-1), w.size(0));
+  const at::Tensor xf = flat_float(x);
+  at::Tensor y = at::empty({xf.size(0), w.size(0)}, xf.options());
+  half_linear_rows(xf.data_ptr<float>(), xf.size(0), xf.size(1), w, w.size(0), y.data_ptr<float>());
+  return finish(y, x, bias, w.size(0), op);
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(flashgen, CPU, m) {
+  m.impl("half_linear", &half_linear_cpu);
   m.impl("ggml_linear", &ggml_linear_cpu);
   m.impl("int4_linear", &int4_linear_cpu);
   m.impl("int8_linear", &int8_linear_cpu);
