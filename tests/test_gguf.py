@@ -334,7 +334,8 @@ def test_float_gguf_of_other_architectures(arch, tmp_path):
 
 
 def test_k_quants_and_bf16_are_dequantized(tmp_path):
-    """Q4_K / Q6_K (no native kernel) come back as float32 equal to gguf.quants' dequantizer; BF16 exactly."""
+    """Not asked to keep them (`native`), Q4_K / Q6_K come back as float32 equal to gguf.quants' dequantizer; BF16
+    exactly."""
     from flashgen.engine.gguf import GGUFFile
 
     rng = np.random.default_rng(0)
