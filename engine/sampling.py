@@ -22,7 +22,15 @@ import torch
 
 @dataclass
 class SamplingParams:
-    """How tokens are chosen. Defaults are llama.cpp's: temperature 0.8, top_k 40, top_p 0.95, min_p 0.05."""
+    """How tokens are chosen, and when a sequence ends. Sampling defaults are llama.cpp's: temperature 0.8,
+    top_k 40, top_p 0.95, min_p 0.05.
+
+    seed: a seeded request draws the same tokens whatever runs beside it (each sequence has its own
+    generator; sample i of n uses seed + i). max_tokens: new tokens at most. stop: a string or strings that
+    end the text (not included). ignore_eos: keep going past end-of-sequence tokens. logprobs: None for none,
+    0 for the sampled token's log-probability, k in 1..20 for the k most likely tokens' too. n: samples of the
+    prompt (they share its cached blocks).
+    """
 
     temperature: float = 0.8
     top_k: int = 40
@@ -32,6 +40,11 @@ class SamplingParams:
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
     seed: int | None = None
+    max_tokens: int = 256
+    stop: str | list | None = None
+    ignore_eos: bool = False
+    logprobs: int | None = None
+    n: int = 1
 
     def __post_init__(self):
         checks = [
@@ -42,10 +55,21 @@ class SamplingParams:
             ("repetition_penalty", self.repetition_penalty > 0, "a number > 0 (1 disables it)"),
             ("presence_penalty", -2 <= self.presence_penalty <= 2, "in [-2, 2]"),
             ("frequency_penalty", -2 <= self.frequency_penalty <= 2, "in [-2, 2]"),
+            ("max_tokens", isinstance(self.max_tokens, int) and self.max_tokens >= 1, "a positive integer"),
+            ("logprobs", self.logprobs is None or (isinstance(self.logprobs, int) and 0 <= self.logprobs <= 20),
+             "None or an integer in [0, 20]"),
+            ("n", isinstance(self.n, int) and self.n >= 1, "a positive integer"),
+            ("seed", self.seed is None or isinstance(self.seed, int), "None or an integer"),
+            ("stop", self.stop is None or isinstance(self.stop, str) or all(isinstance(x, str) for x in self.stop),
+             "None, a string or a list of strings"),
         ]
         for name, ok, expected in checks:
             if not ok:
                 raise ValueError(f"{name} must be {expected}, got {getattr(self, name)!r}")
+
+    @property
+    def stop_list(self):
+        return [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
 
     @property
     def greedy(self) -> bool:

@@ -138,8 +138,9 @@ def flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, ma
     return (out, lse) if return_lse else out
 
 
-def _check_cache(q, k_cache, k, cache_seqlens, block_table):
-    """Shapes of a contiguous or paged cache and its block table; on GPUs (outside compile) also the contents."""
+def _check_cache(q, k_cache, k, cache_seqlens, block_table, contents=True):
+    """Shapes of a contiguous or paged cache and its block table; on GPUs (outside compile, unless contents is
+    False) also the contents."""
     batch = q.shape[0]
     _check(cache_seqlens.dtype == torch.int32 and cache_seqlens.shape == (batch,),
            lambda: f"cache_seqlens must be int32 of shape ({batch},), got {cache_seqlens.dtype} "
@@ -159,7 +160,7 @@ def _check_cache(q, k_cache, k, cache_seqlens, block_table):
                        f"{tuple(block_table.shape)}")
         _check(block_table.device == q.device, lambda: f"block_table is on {block_table.device}, q on {q.device}")
     # The CPU kernel checks lengths and block indices itself (cheaply, in C++); GPU kernels don't.
-    if q.device.type != "cpu" and batch > 0 and _eager():
+    if contents and q.device.type != "cpu" and batch > 0 and _eager():
         check_cache_contents(k_cache, cache_seqlens, block_table, k.shape[1] if k is not None else 0)
 
 
@@ -224,4 +225,58 @@ def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, *, cache_seqlen
     out, lse = torch.ops.flashgen.flash_attn_kvcache(q, k_cache, v_cache, k, v, cache_seqlens, block_table,
                                                      *_options(q, softmax_scale, causal, window_size, softcap),
                                                      int(num_splits))
+    return (out, lse) if return_lse else out
+
+
+def flash_attn_varlen_with_kvcache(q, k_cache, v_cache, k=None, v=None, *, cu_seqlens_q, cache_seqlens, block_table,
+                                   causal=True, softmax_scale=None, window_size=(-1, -1), softcap=0.0,
+                                   return_lse=False):
+    """Packed variable-length sequences against a paged KV cache (a serving step: prefill chunks and decodes
+    in one call; inference only).
+
+    Sequence b owns the query rows cu_seqlens_q[b] .. cu_seqlens_q[b + 1] - 1. When k, v are given, their same
+    rows are first written into the cache in place at positions cache_seqlens[b] .. of sequence b, and the
+    sequence attends its first cache_seqlens[b] + n_b cache tokens (n_b its number of rows), queries aligned
+    bottom-right, so a prefill chunk is causal over the cached prefix and itself. cache_seqlens is not updated.
+    On the CPU, long caches are split at fixed key positions, so a query's result depends only on its own
+    sequence (bitwise the same whatever else is in the batch, and however the sequence was chunked).
+
+    Args:
+        q: (total_tokens, heads, head_dim).
+        k_cache, v_cache: paged (num_blocks, block_size, kv_heads, head_dim), block_size a multiple of 16.
+        k, v: optional new tokens (total_tokens, kv_heads, head_dim), one per query row.
+        cu_seqlens_q: int32 (batch + 1,), cu_seqlens_q[0] = 0, non-decreasing; rows past the last are ignored
+            (out 0, lse -inf).
+        cache_seqlens: int32 (batch,) tokens already in the cache.
+        block_table: int32 (batch, max_blocks): cache token t of sequence b lives in block block_table[b, t //
+            block_size] at row t % block_size.
+        causal, softmax_scale, window_size, softcap: as in flash_attn_func.
+        return_lse: also return the lse, float32 (heads, total_tokens).
+    Returns:
+        out (total_tokens, heads, head_dim) (and the lse with return_lse).
+    """
+    _check(q.dim() == 3 and k_cache.dim() == 4 and v_cache.dim() == 4,
+           lambda: f"q must be 3-D (total_tokens, heads, head_dim) and k_cache, v_cache 4-D (num_blocks, "
+                   f"block_size, kv_heads, head_dim), got {q.dim()}-D, {k_cache.dim()}-D and {v_cache.dim()}-D")
+    _check((k is None) == (v is None), lambda: "give both k and v (new tokens) or neither")
+    tensors = {"q": q, "k_cache": k_cache, "v_cache": v_cache}
+    if k is not None:
+        tensors.update(k=k, v=v)
+        _check(k.shape == v.shape and k.dim() == 3 and k.shape[0] == q.shape[0] and k.shape[1:] == k_cache.shape[2:],
+               lambda: f"k and v must be (total_tokens={q.shape[0]}, kv_heads={k_cache.shape[2]}, "
+                       f"head_dim={k_cache.shape[3]}), got {tuple(k.shape)} and {tuple(v.shape)}")
+    _check_same(tensors)
+    _check_heads(q, k_cache, v_cache, kv_name="k_cache")
+    _check(cu_seqlens_q.dtype == torch.int32 and cu_seqlens_q.dim() == 1 and cu_seqlens_q.shape[0] >= 1,
+           lambda: f"cu_seqlens_q must be int32 (batch + 1,), got {cu_seqlens_q.dtype} {tuple(cu_seqlens_q.shape)}")
+    batch = cu_seqlens_q.shape[0] - 1
+    _check(cu_seqlens_q.device == q.device, lambda: f"cu_seqlens_q is on {cu_seqlens_q.device}, q on {q.device}")
+    _check(block_table is not None, lambda: "block_table is required (the cache is paged)")
+    _check_cache(q.new_empty(batch, 1, 1, 1), k_cache, None, cache_seqlens, block_table, contents=False)
+    if q.device.type != "cpu" and batch > 0 and _eager():
+        total = cache_seqlens if k is None else cache_seqlens + cu_seqlens_q.diff().to(torch.int32)
+        check_cache_contents(k_cache, total, block_table, 0)
+    out, lse = torch.ops.flashgen.flash_attn_varlen_kvcache(
+        q, k_cache, v_cache, k, v, cu_seqlens_q, cache_seqlens, block_table,
+        *_options(q, softmax_scale, causal, window_size, softcap))
     return (out, lse) if return_lse else out

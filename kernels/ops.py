@@ -143,6 +143,12 @@ FLASH_ATTN_KVCACHE = _define(
     " int window_right, float softcap, int num_splits) -> (Tensor out, Tensor lse)",
     reference.flash_attn_kvcache,
 )
+FLASH_ATTN_VARLEN_KVCACHE = _define(
+    "flash_attn_varlen_kvcache(Tensor q, Tensor(a!) k_cache, Tensor(b!) v_cache, Tensor? k, Tensor? v,"
+    " Tensor cu_seqlens_q, Tensor cache_seqlens, Tensor block_table, float softmax_scale, bool causal,"
+    " int window_left, int window_right, float softcap) -> (Tensor out, Tensor lse)",
+    reference.flash_attn_varlen_kvcache,
+)
 
 
 def _lse_like(q, varlen):
@@ -166,6 +172,11 @@ def _(dout, q, k, v, out, lse, *args):
 @torch.library.register_fake(FLASH_ATTN_KVCACHE)
 def _(q, k_cache, v_cache, k, v, cache_seqlens, block_table, *args):
     return q.new_empty(q.shape), _lse_like(q, False)
+
+
+@torch.library.register_fake(FLASH_ATTN_VARLEN_KVCACHE)
+def _(q, k_cache, v_cache, k, v, cu_seqlens_q, *args):
+    return q.new_empty(q.shape), _lse_like(q, True)
 
 
 def _attn_setup(ctx, inputs, output):

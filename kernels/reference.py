@@ -231,6 +231,29 @@ def flash_attn_kvcache(q, k_cache, v_cache, k, v, cache_seqlens, block_table, so
     return torch.stack(outs), torch.stack(lses).to(_stat_dtype(q))
 
 
+def flash_attn_varlen_kvcache(q, k_cache, v_cache, k, v, cu_seqlens_q, cache_seqlens, block_table, softmax_scale,
+                              causal, window_left, window_right, softcap):
+    """Packed sequences over a paged cache: sequence b owns rows cu_seqlens_q[b] .. cu_seqlens_q[b + 1] - 1 of q
+    (tokens, H, D) and, when given, of k, v (tokens, Hkv, D), written at cache positions cache_seqlens[b] ..;
+    its queries then attend the first cache_seqlens[b] + n_b cache tokens (n_b = its rows when k is given,
+    else 0), bottom-right aligned. Returns out like q (rows past the last sequence 0) and lse (H, tokens)
+    (-inf there)."""
+    opts = (softmax_scale, causal, window_left, window_right, softcap)
+    out = torch.zeros_like(q)
+    lse = torch.full((q.shape[1], q.shape[0]), float("-inf"), dtype=_stat_dtype(q), device=q.device)
+    cu = cu_seqlens_q.tolist()
+    for b, start in enumerate(cache_seqlens.tolist()):
+        rows = slice(cu[b], cu[b + 1])
+        length = start + (cu[b + 1] - cu[b] if k is not None else 0)
+        where = cache_positions(block_table, b, length, k_cache.shape[1])
+        if k is not None:
+            new = tuple(w[start:] for w in where)
+            k_cache[new] = k[rows]
+            v_cache[new] = v[rows]
+        out[rows], lse[:, rows] = _attn_seq(q[rows], k_cache[where], v_cache[where], *opts)
+    return out, lse
+
+
 # ---------------------------------------------------------------- quantized matmuls
 # Canonical layouts (the reference prepack keeps them): see kernels/quant.py. Scales and offsets (float32 or
 # float16) are converted to float64 before any arithmetic, so float16 ones give exactly what float32 ones of

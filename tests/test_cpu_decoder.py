@@ -106,8 +106,18 @@ def test_step_errors(tiny_models):
     with pytest.raises(RuntimeError, match="outside the vocabulary"):
         model.decode(torch.tensor([model.config.vocab_size]))
     model.cache.seqlens[0] = model.cache.max_seq_len
-    with pytest.raises(RuntimeError, match="no room"):
+    with pytest.raises(ValueError, match="the cache is full"):
         model.decode(torch.tensor([5]))
+    step, one = model._cpp_step, torch.tensor([0, 1], dtype=torch.int32)
+    with pytest.raises(RuntimeError, match="needs 2 blocks but block_table has 1"):
+        step(torch.tensor([5]), one, torch.tensor([64], dtype=torch.int32), model.cache.block_table[:1, :1],
+             torch.tensor([0]))
+    with pytest.raises(RuntimeError, match=r"logit_rows\[0\] = 1 is outside"):
+        step(torch.tensor([5]), one, torch.tensor([0], dtype=torch.int32), model.cache.block_table[:1],
+             torch.tensor([1]))
+    with pytest.raises(RuntimeError, match="cu_seqlens_q must run from 0 to the number of tokens"):
+        step(torch.tensor([5, 6]), one, torch.tensor([0], dtype=torch.int32), model.cache.block_table[:1],
+             torch.tensor([0]))
     with pytest.raises(RuntimeError, match="kind must be float, half, int4"):
         torch.classes.flashgen.CpuLinear("int3", [torch.zeros(2, 2)], None, 2, 2, 0)
     with pytest.raises(RuntimeError, match="float32 CPU tensor of shape"):

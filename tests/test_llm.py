@@ -11,21 +11,23 @@ from flashgen.engine.tokenizer import load_hf_tokenizer
 
 
 class ScriptedModel:
-    """A fake decoder with the engine's cache interface: the next token after a sequence is a fixed hash of
-    the whole sequence (a peaked distribution), so a correct cache, batching or reuse gives the same tokens."""
+    """A fake decoder with the engine's paged-cache interface: the next token after a sequence is a fixed hash of
+    the whole sequence (a peaked distribution). Its "KV cache" stores the token ids themselves at the positions
+    the block tables name, and each sequence's history is read back through its table, so wrong block tables,
+    prefix sharing, chunking or preemption give other tokens."""
 
-    def __init__(self, vocab_size, avoid=()):
+    def __init__(self, vocab_size, avoid=(), max_seq_len=64, block_size=16):
         self.vocab_size = vocab_size
         self.avoid = set(avoid)  # never predicted: EOS, unless a test asks for it
-        self.cache = SimpleNamespace(max_batch_size=1, max_seq_len=64)
-        self.rows = []
-        self.calls = {"prefill": 0, "append": 0, "decode": 0}
+        self.config = SimpleNamespace(num_layers=1, num_kv_heads=1, head_dim=8, vocab_size=vocab_size)
+        self.block_size = block_size
+        self.setup_cache(1, max_seq_len)
+        self.computed = 0  # tokens run through the model
 
-    def setup_cache(self, max_batch_size, max_seq_len):
-        self.cache = SimpleNamespace(max_batch_size=max_batch_size, max_seq_len=max_seq_len)
-
-    def reset(self, batch_size):
-        self.rows = [[] for _ in range(batch_size)]
+    def setup_cache(self, max_batch_size, max_seq_len, dtype=torch.float32, num_blocks=None):
+        num_blocks = num_blocks or max_batch_size * -(-max_seq_len // self.block_size)
+        self.cache = SimpleNamespace(max_seq_len=max_seq_len, dtype=dtype, block_size=self.block_size,
+                                     slots=torch.full((num_blocks, self.block_size), -1, dtype=torch.long))
 
     def next_logits(self, seq):
         h = 7
@@ -36,19 +38,20 @@ class ScriptedModel:
             logits[t] = -1e9
         return logits
 
-    def prefill(self, input_ids, lengths, append=False):
-        self.calls["append" if append else "prefill"] += 1
-        assert len(self.rows) == input_ids.shape[0] <= self.cache.max_batch_size
-        new = [input_ids[i, :n].tolist() for i, n in enumerate(lengths.tolist())]
-        self.rows = [r + n for r, n in zip(self.rows, new)] if append else new
-        return torch.stack([self.next_logits(r) for r in self.rows])
-
-    def decode(self, tokens):
-        self.calls["decode"] += 1
-        for r, t in zip(self.rows, tokens.tolist()):
-            r.append(t)
-            assert len(r) <= self.cache.max_seq_len
-        return torch.stack([self.next_logits(r) for r in self.rows])
+    def forward_packed(self, tokens, cu_seqlens_q, cache_seqlens, block_table, logit_rows):
+        slots, bs = self.cache.slots, self.block_size
+        history = []
+        for b, start in enumerate(cache_seqlens.tolist()):
+            new = tokens[cu_seqlens_q[b]:cu_seqlens_q[b + 1]].tolist()
+            for i, t in enumerate(new):
+                pos = start + i
+                slots[block_table[b, pos // bs], pos % bs] = t
+            seen = [int(slots[block_table[b, p // bs], p % bs]) for p in range(start + len(new))]
+            assert -1 not in seen, "a sequence read a cache slot nobody wrote"
+            history += [seen[:start + i + 1] for i in range(len(new))]
+            self.computed += len(new)
+        return torch.stack([self.next_logits(history[r]) for r in logit_rows.tolist()] or
+                           [torch.empty(0, self.vocab_size)]).view(-1, self.vocab_size)
 
 
 @pytest.fixture(scope="module")
@@ -60,10 +63,11 @@ def tokenizer(tmp_path_factory):
     return load_hf_tokenizer(str(path))
 
 
-def fake_llm(tokenizer, avoid_eos=True):
+def fake_llm(tokenizer, avoid_eos=True, **engine_options):
     model = ScriptedModel(tokenizer.vocab_size, tokenizer.eos_token_ids if avoid_eos else ())
     config = SimpleNamespace(max_position_embeddings=64, vocab_size=tokenizer.vocab_size)
-    return LLM.from_loaded(SimpleNamespace(model=model, config=config, tokenizer=tokenizer, generation_config={}))
+    return LLM.from_loaded(SimpleNamespace(model=model, config=config, tokenizer=tokenizer, generation_config={}),
+                           **engine_options)
 
 
 GREEDY = dict(temperature=0)
@@ -84,7 +88,6 @@ def test_greedy_follows_the_model(tokenizer):
 def test_batch_of_different_lengths_equals_one_by_one(tokenizer):
     llm = fake_llm(tokenizer)
     batch = llm.generate(PROMPTS, max_new_tokens=9, **GREEDY)
-    assert llm.model.calls["prefill"] == 1
     single = [llm.generate(p, max_new_tokens=9, **GREEDY) for p in PROMPTS]
     assert [b.token_ids for b in batch] == [s.token_ids for s in single]
     assert [b.text for b in batch] == [s.text for s in single]
@@ -170,16 +173,15 @@ def test_next_turn_reuses_the_cache(tokenizer):
     llm = fake_llm(tokenizer)
     first_ids = tokenizer.encode("Hello there, how are you today? " * 3)
     first = _complete(llm, first_ids)
-    prefills = llm.model.calls["prefill"]
-    # The next prompt extends what the cache holds: the prompt and the reply (its last token not yet fed).
+    # The next prompt extends the previous turn: its full blocks come from the prefix cache.
     second_ids = first_ids + first.token_ids + tokenizer.encode(" ok")
+    before = llm.model.computed
     second = _complete(llm, second_ids)
-    assert llm.model.calls["prefill"] == prefills, "the cache was not reused"
-    assert llm.model.calls["append"] == 1
+    bs = llm.model.block_size
+    assert llm.model.computed - before == len(second_ids) - (len(second_ids) - 1) // bs * bs + 5
     assert second.token_ids == _complete(fake_llm(tokenizer), second_ids).token_ids
-    # A prompt that does not extend the cache is prefilled from scratch.
+    assert llm.engine.prefix_cache_stats[1] >= (len(second_ids) - 1) // bs
     third = _complete(llm, tokenizer.encode("Something else entirely"))
-    assert llm.model.calls["prefill"] == prefills + 1
     assert third.token_ids == _complete(fake_llm(tokenizer), tokenizer.encode("Something else entirely")).token_ids
 
 
@@ -260,8 +262,8 @@ def test_16_bit_kv_cache_stays_close_to_float32(tiny_models):  # noqa: F811
         got = llm.model.prefill(ids, torch.tensor([ids.shape[1]]))
         err = ((got - want).abs().max() / want.abs().max()).item()
         assert 0 < err < 2e-2, (kv_dtype, err)  # rounded, yet close
-        llm.generate(["Hi", "there"], max_new_tokens=2, temperature=0)  # a batch of 2: a new cache
-        assert llm.model.cache.k.dtype == getattr(torch, kv_dtype) and llm.model.cache.max_batch_size == 2
+        llm.generate(["Hi", "there"], max_new_tokens=2, temperature=0)
+        assert llm.model.cache.k.dtype == getattr(torch, kv_dtype)
     with pytest.raises(ValueError, match="KV cache dtype"):
         ref.model.setup_cache(1, 16, torch.int8)
 
@@ -314,11 +316,16 @@ def test_default_model_tokenizer_streams_multibyte_text_intact():
     assert not any("\ufffd" in p for p in pieces)
 
 
-def test_real_next_turn_through_the_cache_equals_a_fresh_prefill(tiny_llm):
-    first_ids = tiny_llm.tokenizer.encode("The quick brown fox jumps over the lazy dog. " * 4)
-    first = _complete(tiny_llm, first_ids, n=5)
-    second_ids = first_ids + first.token_ids + tiny_llm.tokenizer.encode(" Hello")
-    assert tiny_llm._reusable(tiny_llm._cached_ids, second_ids)
-    reused = _complete(tiny_llm, second_ids, n=8)
-    tiny_llm._cached_ids = None
-    assert reused.token_ids == _complete(tiny_llm, second_ids, n=8).token_ids
+def test_real_next_turn_through_the_prefix_cache_equals_a_cold_prefill(tiny_models):  # noqa: F811
+    """The second turn's prompt starts with the first turn's full blocks: they come from the prefix cache and
+    the tokens and logprobs are bitwise those of an engine without prefix caching."""
+    warm = LLM(tiny_models["llama"], device="cpu", max_seq_len=256)
+    cold = LLM(tiny_models["llama"], device="cpu", max_seq_len=256, prefix_caching=False)
+    first_ids = warm.tokenizer.encode("The quick brown fox jumps over the lazy dog. " * 12)
+    first = _complete(warm, first_ids, n=5)
+    second = first_ids + first.token_ids + warm.tokenizer.encode(" Hello")
+    hits = warm.engine.prefix_cache_stats[1]
+    kw = dict(max_new_tokens=8, temperature=0, logprobs=True)
+    reused, fresh = warm.generate(warm.tokenizer.decode(second), **kw), cold.generate(warm.tokenizer.decode(second), **kw)
+    assert warm.engine.prefix_cache_stats[1] > hits and cold.engine.prefix_cache_stats == (0, 0)
+    assert reused.token_ids == fresh.token_ids and reused.logprobs == fresh.logprobs

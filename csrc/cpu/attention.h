@@ -21,6 +21,8 @@ namespace flashgen::cpu::attn {
 constexpr int kBlockQ = 64;
 constexpr int kBlockK = 64;
 constexpr int kVec = 16;
+// Keys per split of flash_attn_varlen_kvcache: a split starts at a fixed position (a multiple of kBlockK).
+constexpr int64_t kSplitKeys = 4 * kBlockK;
 constexpr float kNegInf = -std::numeric_limits<float>::infinity();
 
 inline int64_t round_up(int64_t x, int64_t m) { return (x + m - 1) / m * m; }
@@ -151,7 +153,9 @@ void attend(const Simd& isa, const Options& opt, int rows, const float* qf, int 
             int64_t sk, const Rows<T>& k, const Rows<T>& v, int64_t k_begin, int64_t k_end, float* kt, float* vf,
             float* s, float* o, float* m, float* l);
 
-// The key range [begin, end) that any of the rows can attend, clipped to [k_begin, k_end).
+// The key range [begin, end) that any of the rows can attend, clipped to [k_begin, k_end). begin stays
+// k_begin plus a multiple of kBlockK, so a row meets its keys in the same blocks whatever rows share its tile
+// (the blocks the others add are masked out for it and change nothing).
 inline std::pair<int64_t, int64_t> key_span(const Options& opt, int rows, const int64_t* row_pos, int64_t sk,
                                             int64_t k_begin, int64_t k_end) {
   int64_t lo = k_end, hi = k_begin - 1;
@@ -159,7 +163,8 @@ inline std::pair<int64_t, int64_t> key_span(const Options& opt, int rows, const 
     int64_t a = opt.lo(row_pos[r]), b = opt.hi(row_pos[r], sk);
     if (a <= b) lo = std::min(lo, a), hi = std::max(hi, b);
   }
-  return {std::max(lo, k_begin), std::min(hi + 1, k_end)};
+  const int64_t begin = std::max(lo, k_begin);
+  return {k_begin + (begin - k_begin) / kBlockK * kBlockK, std::min(hi + 1, k_end)};
 }
 
 // out = o / l and lse = m + log l for one row; a row that attended no key (l = 0) gives 0 and -inf.
@@ -208,5 +213,11 @@ std::tuple<at::Tensor, at::Tensor> flash_attn_kvcache(const at::Tensor& q, const
                                                       const std::optional<at::Tensor>& block_table,
                                                       double softmax_scale, bool causal, int64_t window_left,
                                                       int64_t window_right, double softcap, int64_t num_splits);
+// flashgen::flash_attn_varlen_kvcache on CPU, likewise: packed q (tokens, heads, d), k, v (tokens, kv_heads, d).
+std::tuple<at::Tensor, at::Tensor> flash_attn_varlen_kvcache(
+    const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache, const std::optional<at::Tensor>& k,
+    const std::optional<at::Tensor>& v, const at::Tensor& cu_seqlens_q, const at::Tensor& cache_seqlens,
+    const at::Tensor& block_table, double softmax_scale, bool causal, int64_t window_left, int64_t window_right,
+    double softcap);
 
 }  // namespace flashgen::cpu::attn

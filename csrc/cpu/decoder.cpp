@@ -1,5 +1,5 @@
-// The forward of engine/model.py's Transformer over the KV cache as one C++ call (a decode step, or a prompt
-// at once): torch.classes.flashgen.CpuDecoder.
+// The forward of engine/model.py's Transformer over the paged KV cache as one C++ call (a serving step: packed
+// prefill chunks and decode tokens of any number of sequences): torch.classes.flashgen.CpuDecoder.
 //
 // A batch-1 decode step runs ~10 small kernels per layer; from Python each costs microseconds of dispatch,
 // argument checks and allocations, more than the kernels themselves on a small model. Here the same
@@ -8,8 +8,10 @@
 //   x = norm(h + r) (r <- h + r),  q, k, v = split(x Wqkv^T)  [q, k RMSNorm per head],  rope(q, k),
 //   o = attention over the KV cache with k, v appended at cache_seqlens,  h = o Wo^T,
 //   x = norm(h + r) (r <- h + r),  h = act(x Win^T [gate]) [* up] Wout^T,
-// then logits = norm(h + r) Whead^T at each sequence's last token, and cache_seqlens grow. The weights and
-// the cache are the model's own tensors (shared, not copied), checked once when the decoder is built.
+// then logits = norm(h + r) Whead^T at the rows asked for. The weights and the cache are the model's own
+// tensors (shared, not copied), checked once when the decoder is built. Every step works row by row or is a
+// kernel whose row results do not depend on the other rows, so a token's logits are the same whatever else
+// is in the step.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/custom_class.h>
@@ -151,12 +153,32 @@ struct CpuLinear : torch::CustomClassHolder {
       case kGgml:
         return quant::ggml::linear_rows(x, m, in, p.w[0], p.param, p.out, y, scratch);
       case kHalf:
-        return quant::half_linear_rows(x, m, in, p.w[0], p.out, y);
-      case kFloat: {
-        at::Tensor y_t = at::from_blob(y, {m, p.out});
-        at::mm_out(y_t, at::from_blob(const_cast<float*>(x), {m, in}), p.w[0].t());
-      }
+      case kFloat:
+        return float_rows(p, x, m, y);
     }
+  }
+
+  // The float / 16-bit weight products go through at::mm, whose row results depend on the number of rows
+  // for small counts (its small-M kernels sum in another order) but not for multiples of 4 (measured on MKL,
+  // 1 and 2 threads; tests/test_serving.py checks it): rows are padded to a multiple of 4 with zeros, so a
+  // token's product does not depend on what else is in the step.
+  void float_rows(const Part& p, const float* x, int64_t m, float* y) const {
+    const int64_t padded = (m + 3) / 4 * 4;
+    const float* xp = x;
+    float* yp = y;
+    std::vector<float> xb, yb;
+    if (padded != m) {
+      xb.assign(padded * in, 0.f), yb.resize(padded * p.out);
+      std::copy_n(x, m * in, xb.data());
+      xp = xb.data(), yp = yb.data();
+    }
+    if (p.kind == kHalf) {
+      quant::half_linear_rows(xp, padded, in, p.w[0], p.out, yp);
+    } else {
+      at::Tensor y_t = at::from_blob(yp, {padded, p.out});
+      at::mm_out(y_t, at::from_blob(const_cast<float*>(xp), {padded, in}), p.w[0].t());
+    }
+    if (yp != y) std::copy_n(yp, m * p.out, y);
   }
 };
 using Linear = c10::intrusive_ptr<CpuLinear>;
@@ -193,24 +215,24 @@ struct CpuDecoder : torch::CustomClassHolder {
   int64_t hidden, heads, kv_heads, head_dim, rotary_dim, intermediate, vocab, window_left, activation;
   bool gated;
   double eps, scale;
-  at::Tensor tok_emb, pos_emb, inv_freq, k_cache, v_cache, seqlens;
+  at::Tensor tok_emb, pos_emb, inv_freq, k_cache, v_cache;
   std::vector<Layer> layers;
   Norm final_norm;
   Linear head, token_table;  // token_table: a quantized embedding (then tok_emb is empty)
   // float32 scratch, resized to the rows (B x T tokens): h, r, x (rows, hidden), qkv (rows, q + 2 kv), mlp
   // (rows, w_in out), act (rows, intermediate), rope (rows, rotary_dim)
   std::vector<float> h, r, x, qkv, mlp, act, rope;
+  std::vector<int64_t> positions;  // of each row
   quant::ActScratch acts;
 
   // dims: hidden, heads, kv_heads, head_dim, rotary_dim (0: learned positions), intermediate, vocab,
   // window_left (-1: none), gated (0 / 1), activation (0 silu, 1 gelu, 2 gelu tanh); floats: eps, softmax scale.
-  // k_cache, v_cache (layers, max_batch, max_seq_len, kv_heads, head_dim) float32, bfloat16 or float16 (strided
-  // views, as the engine's head-major cache; a 16-bit cache takes q, k, v rounded to it), seqlens int32
-  // (max_batch,).
+  // k_cache, v_cache (layers, num_blocks, block_size, kv_heads, head_dim) float32, bfloat16 or float16 (strided
+  // views, as the engine's head-major blocks; a 16-bit cache takes q, k, v rounded to it).
   CpuDecoder(c10::Dict<std::string, int64_t> dims, c10::Dict<std::string, double> floats, at::Tensor tok_emb,
-             at::Tensor pos_emb, at::Tensor inv_freq, at::Tensor k_cache, at::Tensor v_cache, at::Tensor seqlens)
+             at::Tensor pos_emb, at::Tensor inv_freq, at::Tensor k_cache, at::Tensor v_cache)
       : tok_emb(std::move(tok_emb)), pos_emb(std::move(pos_emb)), inv_freq(std::move(inv_freq)),
-        k_cache(std::move(k_cache)), v_cache(std::move(v_cache)), seqlens(std::move(seqlens)) {
+        k_cache(std::move(k_cache)), v_cache(std::move(v_cache)) {
     auto dim = [&](const char* key) {
       TORCH_CHECK(dims.contains(key), kOp, ": dims needs the key '", key, "'");
       return dims.at(key);
@@ -240,9 +262,6 @@ struct CpuDecoder : torch::CustomClassHolder {
                   kOp, ": k_cache and v_cache must be float32, bfloat16 or float16 CPU tensors of one shape and ",
                   "dtype, contiguous in head_dim (any other strides), got ", c->scalar_type(), " ", c->sizes(),
                   " strides ", c->strides(), " on ", c->device());
-    TORCH_CHECK(this->seqlens.scalar_type() == at::kInt && this->seqlens.dim() == 1 &&
-                    this->seqlens.size(0) == kc.size(1) && this->seqlens.is_contiguous(),
-                kOp, ": seqlens must be a contiguous int32 (max_batch,) tensor");
   }
 
   void add_layer(at::Tensor attn_w, at::Tensor attn_b, at::Tensor mlp_w, at::Tensor mlp_b, at::Tensor q_norm,
@@ -283,44 +302,61 @@ struct CpuDecoder : torch::CustomClassHolder {
     head = std::move(output);
   }
 
-  // tokens int64 (B, T): T new tokens per sequence at positions seqlens[b] .. seqlens[b] + T - 1 (all T are
-  // written to the cache). lengths int64 (B,) in [1, T] (default T): the logits float32 (B, vocab) are those of
-  // token lengths[b] - 1 and seqlens[b] grows by lengths[b]; the tokens past it are padding, which the next
-  // tokens overwrite in the cache. T = 1 is a decode step; a prompt (or a chat turn) is one call.
-  at::Tensor step(const at::Tensor& tokens, const std::optional<at::Tensor>& lengths_in) {
+  // One step over packed sequences: tokens int64 (N,), sequence b's being tokens cu_seqlens_q[b] ..
+  // cu_seqlens_q[b + 1] - 1 (int32 (B + 1,)) at positions cache_seqlens[b] .. (int32 (B,)) of its cache blocks
+  // block_table[b] (int32 (B, max_blocks)); all are written to the cache, whose lengths the caller advances.
+  // Returns the logits float32 (R, vocab) of the token rows logit_rows (int64 (R,)).
+  at::Tensor forward(const at::Tensor& tokens, const at::Tensor& cu_seqlens_q, const at::Tensor& cache_seqlens,
+                     const at::Tensor& block_table, const at::Tensor& logit_rows) {
     TORCH_CHECK(head && int64_t(layers.size()) == k_cache.size(0), kOp, ": add all ", k_cache.size(0),
-                " layers and the head before step()");
-    TORCH_CHECK(given(tok_emb) || token_table, kOp, ": give tok_emb or set_token_table before step()");
-    TORCH_CHECK(tokens.device().is_cpu() && tokens.scalar_type() == at::kLong && tokens.dim() == 2, kOp,
-                ": tokens must be a 2-D (batch, new tokens) int64 CPU tensor, got ", tokens.scalar_type(), " ",
+                " layers and the head before forward()");
+    TORCH_CHECK(given(tok_emb) || token_table, kOp, ": give tok_emb or set_token_table before forward()");
+    TORCH_CHECK(tokens.device().is_cpu() && tokens.scalar_type() == at::kLong && tokens.dim() == 1, kOp,
+                ": tokens must be a 1-D (total_tokens,) int64 CPU tensor, got ", tokens.scalar_type(), " ",
                 tokens.sizes());
-    const int64_t b = tokens.size(0), t = tokens.size(1), rows = b * t, max_len = k_cache.size(2);
-    TORCH_CHECK(b <= k_cache.size(1), kOp, ": batch ", b, " exceeds the cache's max_batch ", k_cache.size(1));
-    TORCH_CHECK(t > 0, kOp, ": tokens must hold at least one token per sequence");
-    const at::Tensor lengths = lengths_in ? lengths_in->contiguous() : at::full({b}, t, tokens.options());
-    TORCH_CHECK(lengths.device().is_cpu() && lengths.scalar_type() == at::kLong && lengths.sizes().equals({b}), kOp,
-                ": lengths must be an int64 CPU tensor of shape (", b, ",)");
-    const at::Tensor tok = tokens.contiguous();
-    const int64_t *tp = tok.data_ptr<int64_t>(), *len = lengths.data_ptr<int64_t>();
-    int32_t* pos = seqlens.data_ptr<int32_t>();
+    TORCH_CHECK(cu_seqlens_q.device().is_cpu() && cu_seqlens_q.scalar_type() == at::kInt &&
+                    cu_seqlens_q.dim() == 1 && cu_seqlens_q.size(0) >= 1,
+                kOp, ": cu_seqlens_q must be an int32 (batch + 1,) CPU tensor, got ", cu_seqlens_q.scalar_type(),
+                " ", cu_seqlens_q.sizes());
+    const int64_t b = cu_seqlens_q.size(0) - 1, rows = tokens.size(0);
+    TORCH_CHECK(cache_seqlens.device().is_cpu() && cache_seqlens.scalar_type() == at::kInt &&
+                    cache_seqlens.sizes().equals({b}),
+                kOp, ": cache_seqlens must be an int32 (", b, ",) CPU tensor, got ", cache_seqlens.scalar_type(),
+                " ", cache_seqlens.sizes());
+    TORCH_CHECK(logit_rows.device().is_cpu() && logit_rows.scalar_type() == at::kLong && logit_rows.dim() == 1,
+                kOp, ": logit_rows must be a 1-D int64 CPU tensor, got ", logit_rows.scalar_type(), " ",
+                logit_rows.sizes());
+    const at::Tensor tok = tokens.contiguous(), cu = cu_seqlens_q.contiguous(), lens = cache_seqlens.contiguous();
+    const at::Tensor out_rows = logit_rows.contiguous();
+    const int64_t* tp = tok.data_ptr<int64_t>();
+    const int32_t *cp = cu.data_ptr<int32_t>(), *lp = lens.data_ptr<int32_t>();
+    TORCH_CHECK(cp[0] == 0 && cp[b] == rows, kOp, ": cu_seqlens_q must run from 0 to the number of tokens (",
+                rows, "), got ", cp[0], " .. ", cp[b]);
+    positions.resize(rows);
     for (int64_t i = 0; i < b; ++i) {
-      TORCH_CHECK(len[i] >= 1 && len[i] <= t, kOp, ": lengths[", i, "] = ", len[i], " is outside [1, ", t, "]");
-      TORCH_CHECK(pos[i] >= 0 && pos[i] + t <= max_len, kOp, ": sequence ", i, " holds ", pos[i], " tokens: the cache",
-                  " (max_seq_len ", max_len, ") has no room for ", t, " more");
-      TORCH_CHECK(!given(pos_emb) || pos[i] + t <= pos_emb.size(0), kOp, ": positions up to ", pos[i] + t - 1,
+      TORCH_CHECK(cp[i + 1] >= cp[i], kOp, ": cu_seqlens_q must be non-decreasing, got ", cp[i], " then ",
+                  cp[i + 1]);
+      TORCH_CHECK(lp[i] >= 0, kOp, ": cache_seqlens[", i, "] = ", lp[i], " is negative");
+      const int64_t end = int64_t(lp[i]) + cp[i + 1] - cp[i];
+      TORCH_CHECK(!given(pos_emb) || end <= pos_emb.size(0), kOp, ": positions up to ", end - 1,
                   " exceed the model's ", pos_emb.size(0), " learned positions");
-      for (int64_t j = 0; j < t; ++j)
-        TORCH_CHECK(tp[i * t + j] >= 0 && tp[i * t + j] < vocab, kOp, ": token ", tp[i * t + j],
-                    " is outside the vocabulary [0, ", vocab, ")");
+      for (int64_t j = cp[i]; j < cp[i + 1]; ++j) positions[j] = lp[i] + j - cp[i];
     }
+    for (int64_t j = 0; j < rows; ++j)
+      TORCH_CHECK(tp[j] >= 0 && tp[j] < vocab, kOp, ": token ", tp[j], " is outside the vocabulary [0, ", vocab,
+                  ")");
+    const int64_t n_out = out_rows.size(0);
+    const int64_t* op = out_rows.data_ptr<int64_t>();
+    for (int64_t j = 0; j < n_out; ++j)
+      TORCH_CHECK(op[j] >= 0 && op[j] < rows, kOp, ": logit_rows[", j, "] = ", op[j], " is outside [0, ", rows,
+                  ")");
     const int64_t q_size = heads * head_dim, kv_size = kv_heads * head_dim, qkv_w = q_size + 2 * kv_size;
     const int64_t mlp_w = intermediate * (gated ? 2 : 1);
-    for (auto* v : {&h, &r, &x}) v->resize(rows * hidden);
+    for (auto* v : {&h, &r, &x}) v->resize(std::max(rows, n_out) * hidden);
     qkv.resize(rows * qkv_w), mlp.resize(rows * mlp_w);
     act.resize(rows * intermediate);
 
-    embed(tp, pos, b, t);
-    const at::Tensor lens = seqlens.narrow(0, 0, b);
+    embed(tp, rows);
     for (const Layer& layer : layers) {
       norm_rows(layer.attn_norm, rows);
       layer.qkv->run(x.data(), rows, qkv.data(), acts);
@@ -328,12 +364,11 @@ struct CpuDecoder : torch::CustomClassHolder {
       if (rotary_dim) rotate(rows, qkv_w);
       float* base = qkv.data();
       auto view = [&](float* p, int64_t n_heads) {
-        return at::from_blob(p, {b, t, n_heads, head_dim}, {t * qkv_w, qkv_w, head_dim, 1})
-            .to(layer.k_cache.scalar_type());
+        return at::from_blob(p, {rows, n_heads, head_dim}, {qkv_w, head_dim, 1}).to(layer.k_cache.scalar_type());
       };
-      const at::Tensor o = std::get<0>(attn::flash_attn_kvcache(
+      const at::Tensor o = std::get<0>(attn::flash_attn_varlen_kvcache(
           view(base, heads), layer.k_cache, layer.v_cache, view(base + q_size, kv_heads),
-          view(base + q_size + kv_size, kv_heads), lens, std::nullopt, scale, true, window_left, 0, 0.0, 0))
+          view(base + q_size + kv_size, kv_heads), cu, lens, block_table, scale, true, window_left, 0, 0.0))
                                .to(at::kFloat);
       layer.o->run(o.data_ptr<float>(), rows, h.data(), acts);
       norm_rows(layer.mlp_norm, rows);
@@ -341,16 +376,17 @@ struct CpuDecoder : torch::CustomClassHolder {
       activate(rows, mlp_w);
       layer.w_out->run(act.data(), rows, h.data(), acts);
     }
-    // Only each sequence's last real token goes on to the head.
-    for (int64_t i = 0; i < b; ++i) {
-      const int64_t last = i * t + len[i] - 1;
-      std::copy_n(&h[last * hidden], hidden, &h[i * hidden]);
-      std::copy_n(&r[last * hidden], hidden, &r[i * hidden]);
+    // Only the rows asked for go on to the head (gathered first: a row may be asked for twice).
+    std::vector<float> hg(n_out * hidden), rg(n_out * hidden);
+    for (int64_t j = 0; j < n_out; ++j) {
+      std::copy_n(&h[op[j] * hidden], hidden, &hg[j * hidden]);
+      std::copy_n(&r[op[j] * hidden], hidden, &rg[j * hidden]);
     }
-    norm_rows(final_norm, b);
-    at::Tensor logits = at::empty({b, vocab}, at::TensorOptions().dtype(at::kFloat));
-    head->run(x.data(), b, logits.data_ptr<float>(), acts);
-    for (int64_t i = 0; i < b; ++i) pos[i] += int32_t(len[i]);
+    std::copy(hg.begin(), hg.end(), h.begin());
+    std::copy(rg.begin(), rg.end(), r.begin());
+    norm_rows(final_norm, n_out);
+    at::Tensor logits = at::empty({n_out, vocab}, at::TensorOptions().dtype(at::kFloat));
+    if (n_out) head->run(x.data(), n_out, logits.data_ptr<float>(), acts);
     return logits;
   }
 
@@ -370,14 +406,14 @@ struct CpuDecoder : torch::CustomClassHolder {
 
   // h = token embedding (+ learned position), r = 0 so that the first fused norm's r <- h + r is h itself.
   // With rope, the (cos, sin) of each token's angles pos * inv_freq go to `rope`.
-  void embed(const int64_t* tp, const int32_t* pos, int64_t b, int64_t t) {
+  void embed(const int64_t* tp, int64_t rows) {
     const float* te = token_table ? nullptr : tok_emb.data_ptr<float>();
     const float* f = rotary_dim ? inv_freq.data_ptr<float>() : nullptr;
     const int64_t half = rotary_dim / 2;
-    rope.resize(b * t * 2 * half);
-    over_rows(b * t, hidden, [&](int64_t r0, int64_t r1) {
+    rope.resize(rows * 2 * half);
+    over_rows(rows, hidden, [&](int64_t r0, int64_t r1) {
       for (int64_t i = r0; i < r1; ++i) {
-        const int64_t p = pos[i / t] + i % t;
+        const int64_t p = positions[i];
         float* hi = &h[i * hidden];
         if (token_table)
           token_table->row(tp[i], hi);
@@ -452,11 +488,11 @@ TORCH_LIBRARY_FRAGMENT(flashgen, m) {
       .def("set_bias", &CpuLinear::set_bias);
   m.class_<CpuDecoder>("CpuDecoder")
       .def(torch::init<c10::Dict<std::string, int64_t>, c10::Dict<std::string, double>, at::Tensor, at::Tensor,
-                       at::Tensor, at::Tensor, at::Tensor, at::Tensor>())
+                       at::Tensor, at::Tensor, at::Tensor>())
       .def("add_layer", &CpuDecoder::add_layer)
       .def("set_head", &CpuDecoder::set_head)
       .def("set_token_table", &CpuDecoder::set_token_table)
-      .def("step", &CpuDecoder::step);
+      .def("forward", &CpuDecoder::forward);
 }
 
 }  // namespace flashgen::cpu
