@@ -317,19 +317,28 @@ def _bwd_dq_kernel(Q, K, V, DOut, Lse, Delta, DQ, cu_q, cu_k,
 
 # ------------------------------------------------------------------------------------------------ decode
 @triton.jit
-def _decode_kernel(Q, KC, VC, Out, Lse, BlockTable, CacheSeqlens,
+def _decode_kernel(Q, KC, VC, Out, Lse, BlockTable, CacheSeqlens, cu_q,
                    stride_qb, stride_qs, stride_qh, stride_kb, stride_ks, stride_kh,
                    stride_vb, stride_vs, stride_vh, stride_osplit, stride_ob, stride_os, stride_oh,
                    stride_lsplit, stride_lb, stride_lh, stride_bt,
                    num_kv_heads, group, seqlen_q, seqlen_new, page_size, scale, softcap, window_left, window_right,
                    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                   PAGED: tl.constexpr, SOFTCAP: tl.constexpr, PREC: tl.constexpr):
+                   PAGED: tl.constexpr, SOFTCAP: tl.constexpr, PREC: tl.constexpr, VARLEN: tl.constexpr):
+    """Dense: q (B, seqlen_q, H, D), seqlen_new new tokens per sequence. VARLEN: packed q (tokens, H, D) with
+    the batch strides 0, sequence b owning rows cu_q[b] .. cu_q[b + 1] - 1 (seqlen_q is then the longest, and
+    seqlen_new 1 if each row brought its own new token, else 0)."""
     split = tl.program_id(0)
     num_splits = tl.num_programs(0)
     bh = tl.program_id(1)
     pid_m = tl.program_id(2)
     b = (bh // num_kv_heads).to(tl.int64)
     hk = bh % num_kv_heads
+    q0 = 0
+    if VARLEN:
+        q0 = tl.load(cu_q + b)
+        seqlen_q = tl.load(cu_q + b + 1) - q0
+        seqlen_new = seqlen_new * seqlen_q
+        q0 = q0.to(tl.int64)
     sk = tl.load(CacheSeqlens + b) + seqlen_new
     # Row r of the tile is query r // group of q head hk * group + r % group: one kv head's whole GQA group.
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -339,7 +348,7 @@ def _decode_kernel(Q, KC, VC, Out, Lse, BlockTable, CacheSeqlens,
     offs_d = tl.arange(0, BLOCK_D)
     d_ok = offs_d < HEAD_DIM
     q_mask = r_ok[:, None] & d_ok[None, :]
-    q = tl.load(Q + b * stride_qb + t[:, None] * stride_qs + h[:, None] * stride_qh + offs_d[None, :],
+    q = tl.load(Q + b * stride_qb + (q0 + t[:, None]) * stride_qs + h[:, None] * stride_qh + offs_d[None, :],
                 mask=q_mask, other=0.0)
 
     first, last = _row_bounds(t + sk - seqlen_q, r_ok, sk, window_left, window_right)
@@ -373,9 +382,9 @@ def _decode_kernel(Q, KC, VC, Out, Lse, BlockTable, CacheSeqlens,
         acc, m_i, l_i = _softmax_step(q, k, v, acc, m_i, l_i, first, last, offs_n, scale, softcap, SOFTCAP, PREC)
     out, lse = _softmax_finish(acc, m_i, l_i)
     o_base = Out + split.to(tl.int64) * stride_osplit + b * stride_ob
-    tl.store(o_base + t[:, None] * stride_os + h[:, None] * stride_oh + offs_d[None, :], out.to(Out.dtype.element_ty),
-             mask=q_mask)
-    tl.store(Lse + split.to(tl.int64) * stride_lsplit + b * stride_lb + h * stride_lh + t, lse, mask=r_ok)
+    tl.store(o_base + (q0 + t[:, None]) * stride_os + h[:, None] * stride_oh + offs_d[None, :],
+             out.to(Out.dtype.element_ty), mask=q_mask)
+    tl.store(Lse + split.to(tl.int64) * stride_lsplit + b * stride_lb + h * stride_lh + q0 + t, lse, mask=r_ok)
 
 
 @triton.jit
@@ -604,13 +613,13 @@ def flash_attn_kvcache(q, k_cache, v_cache, k, v, cache_seqlens, block_table, so
     wl, wr = _windows(causal, window_left, window_right)
     p_strides = out_p.stride()[-4:-1]
     _decode_kernel[(splits, batch * kv_heads, m_tiles)](
-        q, k_cache, v_cache, out_p, lse_p, block_table, cache_seqlens,
+        q, k_cache, v_cache, out_p, lse_p, block_table, cache_seqlens, cache_seqlens,
         *_bsh(q, False), *_bsh(k_cache, False), *_bsh(v_cache, False), split_strides[0], *p_strides,
         split_strides[1], *lse_p.stride()[-3:-1], block_table.stride(0) if paged else 0,
         kv_heads, group, seqlen_q, k.shape[1] if k is not None else 0, k_cache.shape[1] if paged else 0,
         softmax_scale, softcap, wl, wr,
         HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_M=block_m, BLOCK_N=block_n, PAGED=paged, SOFTCAP=softcap > 0,
-        PREC=_prec(q.dtype), num_warps=warps, num_stages=stages)
+        PREC=_prec(q.dtype), VARLEN=False, num_warps=warps, num_stages=stages)
     if splits > 1:
         _decode_merge_kernel[(batch * seqlen_q * heads,)](
             out_p, lse_p, out, lse, splits, out_p.stride(0), *p_strides, *lse_p.stride()[:3],
@@ -619,10 +628,68 @@ def flash_attn_kvcache(q, k_cache, v_cache, k, v, cache_seqlens, block_table, so
     return out, lse
 
 
+def flash_attn_varlen_kvcache(q, k_cache, v_cache, k, v, cu_seqlens_q, cache_seqlens, block_table, softmax_scale,
+                              causal, window_left, window_right, softcap):
+    """Packed sequences over a paged cache: the decode kernel with VARLEN, one program row per (sequence, kv
+    head, row tile up to the longest sequence's rows; reading that length is the one host sync)."""
+    if k_cache.stride(-1) != 1 or v_cache.stride(-1) != 1:
+        raise ValueError("flash_attn_varlen_kvcache: k_cache and v_cache must be contiguous in head_dim (stride 1)")
+    if k_cache.shape[1] % 16:
+        raise ValueError(f"flash_attn_varlen_kvcache: block_size must be a multiple of 16, got {k_cache.shape[1]}")
+    (q,) = _contig(q)
+    total, heads, head_dim = q.shape
+    batch, kv_heads = cu_seqlens_q.shape[0] - 1, k_cache.shape[2]
+    group = heads // kv_heads
+    counts = cu_seqlens_q.diff()
+    if k is not None:
+        # Row i of sequence b goes to cache position cache_seqlens[b] + i - cu_seqlens_q[b].
+        seq = torch.repeat_interleave(torch.arange(batch, device=q.device), counts,
+                                      output_size=int(cu_seqlens_q[-1]))
+        pos = cache_seqlens.long()[seq] + torch.arange(seq.shape[0], device=q.device) - cu_seqlens_q.long()[seq]
+        page = k_cache.shape[1]
+        blocks, rows = block_table.long()[seq, pos // page], pos % page
+        k_cache[blocks, rows] = k[:seq.shape[0]].to(k_cache.dtype)
+        v_cache[blocks, rows] = v[:seq.shape[0]].to(v_cache.dtype)
+    out = torch.zeros_like(q)
+    lse = torch.full((heads, total), float("-inf"), dtype=torch.float32, device=q.device)
+    max_q = int(counts.max()) if batch else 0
+    if max_q == 0 or out.numel() == 0:
+        return out, lse
+    block_d = _block_d(head_dim)
+    max_block_m, block_n, warps, stages = _config("decode", block_d, q.dtype)
+    block_n = math.gcd(block_n, k_cache.shape[1])
+    block_m = _decode_block_m(max_q * group, max_block_m)
+    m_tiles = triton.cdiv(max_q * group, block_m)
+    capacity = block_table.shape[1] * k_cache.shape[1]
+    splits = _num_splits(0, batch * kv_heads * m_tiles, capacity, block_n, q.device)
+    if splits == 1:
+        out_p, lse_p, split_strides = out, lse, (0, 0)
+    else:
+        out_p = torch.zeros((splits,) + tuple(q.shape), dtype=torch.float32, device=q.device)
+        lse_p = torch.full((splits, heads, total), float("-inf"), dtype=torch.float32, device=q.device)
+        split_strides = (out_p.stride(0), lse_p.stride(0))
+    wl, wr = _windows(causal, window_left, window_right)
+    _decode_kernel[(splits, batch * kv_heads, m_tiles)](
+        q, k_cache, v_cache, out_p, lse_p, block_table, cache_seqlens, cu_seqlens_q,
+        0, *q.stride()[:2], *_bsh(k_cache, False), *_bsh(v_cache, False), split_strides[0], 0,
+        *out_p.stride()[-3:-1], split_strides[1], 0, lse_p.stride(-2), block_table.stride(0),
+        kv_heads, group, max_q, int(k is not None), k_cache.shape[1], softmax_scale, softcap, wl, wr,
+        HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_M=block_m, BLOCK_N=block_n, PAGED=True, SOFTCAP=softcap > 0,
+        PREC=_prec(q.dtype), VARLEN=True, num_warps=warps, num_stages=stages)
+    if splits > 1:
+        # The merge sees the packed rows as one sequence of `total` queries.
+        _decode_merge_kernel[(total * heads,)](
+            out_p, lse_p, out, lse, splits, out_p.stride(0), 0, *out_p.stride()[1:3], lse_p.stride(0), 0,
+            lse_p.stride(1), 0, *out.stride()[:2], 0, lse.stride(0), total, heads,
+            HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_S=triton.next_power_of_2(splits))
+    return out, lse
+
+
 # ------------------------------------------------------------------------------------------------ hooks
 def register():
     for name, fn in (("flash_attn_fwd", flash_attn_fwd), ("flash_attn_bwd", flash_attn_bwd),
-                     ("flash_attn_kvcache", flash_attn_kvcache)):
+                     ("flash_attn_kvcache", flash_attn_kvcache),
+                     ("flash_attn_varlen_kvcache", flash_attn_varlen_kvcache)):
         torch.library.register_kernel(f"flashgen::{name}", "cuda", fn)
 
 
@@ -666,7 +733,7 @@ def aot_specs():
             max_bm, bn, w, s = _config("decode", bd, torch_dtype)
             for bm in sorted({16, max_bm}):
                 specs.append(_spec(f"attn_decode_{dt}_d{bd}_m{bm}", _decode_kernel, dt,
-                                   dict(flags, BLOCK_M=bm, BLOCK_N=bn, PAGED=True), w, s))
+                                   dict(flags, BLOCK_M=bm, BLOCK_N=bn, PAGED=True, VARLEN=True), w, s))
             specs.append(_spec(f"attn_bwd_delta_{dt}_d{bd}", _bwd_delta_kernel, dt,
                                dict(HEAD_DIM=bd, BLOCK_D=bd, BLOCK_M=_DELTA_BLOCK_M), 4, 1))
             specs.append(_spec(f"attn_decode_merge_{dt}_d{bd}", _decode_merge_kernel, dt,
