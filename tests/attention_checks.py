@@ -85,3 +85,43 @@ def kvcache_baseline(q, k_cache, v_cache, lengths, block_table, scale, window, s
                             cached(v_cache, b, n, block_table)[None], scale, True, window, softcap)
             for b, n in enumerate(lengths)]
     return torch.cat([o for o, _ in outs]), torch.cat([l for _, l in outs])
+
+
+# (cached lengths, new rows per sequence, heads, kv_heads, head_dim, block_size, window, softcap, dtype)
+VARLEN_DECODE = [
+    ([0, 37, 300], [19, 1, 1], 4, 2, 64, 16, (-1, -1), 0.0, torch.float32),
+    ([5, 0], [3, 40], 6, 1, 40, 32, (8, -1), 5.0, torch.float16),
+    ([700, 2], [1, 0], 4, 4, 96, 16, (-1, -1), 0.0, torch.bfloat16),
+]
+
+
+def check_varlen_kvcache(fn, lens, new, heads, kv_heads, head_dim, block_size, window, softcap, dtype, poisoned,
+                         device="cpu"):
+    """fn (a flash_attn_varlen_kvcache kernel) on packed prefill chunks and decodes over a paged cache, plus two
+    trailing rows past the last sequence: the in-place append exact, out and lse by the FlashAttention rule."""
+    batch, total = len(lens), sum(new)
+    k_cache, v_cache, block_table = paged_cache(batch, max(a + b for a, b in zip(lens, new)) + 5, block_size,
+                                                kv_heads, head_dim, dtype, device)
+    cache_seqlens = torch.tensor(lens, dtype=torch.int32, device=device)
+    cu = torch.tensor([0, *torch.tensor(new).cumsum(0).tolist()], dtype=torch.int32, device=device)
+    q = randn(total + 2, heads, head_dim, dtype=dtype, device=device)  # two trailing rows past the last sequence
+    k, v = (randn(total + 2, kv_heads, head_dim, dtype=dtype, device=device) for _ in range(2))
+    opts = (head_dim ** -0.5, True, *window, softcap)
+    ref_k, ref_v = k_cache.double(), v_cache.double()
+    ref_out, ref_lse = reference.flash_attn_varlen_kvcache(q.double(), ref_k, ref_v, k.double(), v.double(), cu,
+                                                           cache_seqlens, block_table, *opts)
+    with poisoned():
+        out, lse = fn(q, k_cache, v_cache, k, v, cu, cache_seqlens, block_table, *opts)
+    assert torch.equal(k_cache.double(), ref_k) and torch.equal(v_cache.double(), ref_v), "in-place append"
+    outs, lses = [], []
+    for b in range(batch):
+        rows = slice(int(cu[b]), int(cu[b + 1]))
+        n = lens[b] + new[b]
+        o, l_ = eager_attention(q[rows][None], cached(k_cache, b, n, block_table)[None],
+                                cached(v_cache, b, n, block_table)[None], opts[0], True, window, softcap)
+        outs.append(o[0])
+        lses.append(l_[0])
+    base_out = torch.cat(outs + [torch.zeros_like(q[total:])])
+    base_lse = torch.cat(lses + [torch.full((heads, 2), float("-inf"), device=device)], 1)
+    assert_fa_rule("out", out, ref_out, base_out)
+    assert_lse(lse, ref_lse, base_lse)

@@ -8,7 +8,7 @@ from triton_interp import poisoned  # isort: skip  (sets TRITON_INTERPRET before
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
-from attention_checks import (assert_fa_rule, assert_lse, cached, eager_attention, eager_grads,  # noqa: E402
+from attention_checks import (VARLEN_DECODE, assert_fa_rule, assert_lse, check_varlen_kvcache, eager_grads,  # noqa: E402
                               kvcache_baseline, paged_cache, randn)
 from flashgen.kernels import reference  # noqa: E402
 from flashgen.kernels.triton import attention as tri  # noqa: E402
@@ -155,14 +155,6 @@ def test_aot_specs_cover_every_argument():
         assert all(s["signature"][c] == "constexpr" for c in s["constexprs"]), s["name"]
 
 
-# (cached lengths, new rows per sequence, heads, kv_heads, head_dim, block_size, window, softcap, dtype)
-VARLEN_DECODE = [
-    ([0, 37, 300], [19, 1, 1], 4, 2, 64, 16, (-1, -1), 0.0, torch.float32),
-    ([5, 0], [3, 40], 6, 1, 40, 32, (8, -1), 5.0, torch.float16),
-    ([700, 2], [1, 0], 4, 4, 96, 16, (-1, -1), 0.0, torch.bfloat16),
-]
-
-
 @pytest.mark.parametrize("splits", [None, 3])
 @pytest.mark.parametrize("lens,new,heads,kv_heads,head_dim,block_size,window,softcap,dtype", VARLEN_DECODE)
 def test_varlen_kvcache(lens, new, heads, kv_heads, head_dim, block_size, window, softcap, dtype, splits,
@@ -171,29 +163,5 @@ def test_varlen_kvcache(lens, new, heads, kv_heads, head_dim, block_size, window
     merge of split-K partials when forced)."""
     if splits:
         monkeypatch.setattr(tri, "_num_splits", lambda *a: splits)
-    batch, total = len(lens), sum(new)
-    k_cache, v_cache, block_table = paged_cache(batch, max(a + b for a, b in zip(lens, new)) + 5, block_size,
-                                                kv_heads, head_dim, dtype)
-    cache_seqlens = torch.tensor(lens, dtype=torch.int32)
-    cu = torch.tensor([0, *torch.tensor(new).cumsum(0).tolist()], dtype=torch.int32)
-    q = randn(total + 2, heads, head_dim, dtype=dtype)  # two trailing rows past the last sequence
-    k, v = randn(total + 2, kv_heads, head_dim, dtype=dtype), randn(total + 2, kv_heads, head_dim, dtype=dtype)
-    opts = (head_dim ** -0.5, True, *window, softcap)
-    ref_k, ref_v = k_cache.double(), v_cache.double()
-    ref_out, ref_lse = reference.flash_attn_varlen_kvcache(q.double(), ref_k, ref_v, k.double(), v.double(), cu,
-                                                           cache_seqlens, block_table, *opts)
-    with poisoned():
-        out, lse = tri.flash_attn_varlen_kvcache(q, k_cache, v_cache, k, v, cu, cache_seqlens, block_table, *opts)
-    assert torch.equal(k_cache.double(), ref_k) and torch.equal(v_cache.double(), ref_v), "in-place append"
-    outs, lses = [], []
-    for b in range(batch):
-        rows = slice(int(cu[b]), int(cu[b + 1]))
-        n = lens[b] + new[b]
-        o, l_ = eager_attention(q[rows][None], cached(k_cache, b, n, block_table)[None],
-                                cached(v_cache, b, n, block_table)[None], opts[0], True, window, softcap)
-        outs.append(o[0])
-        lses.append(l_[0])
-    base_out = torch.cat(outs + [torch.zeros_like(q[total:])])
-    base_lse = torch.cat(lses + [torch.full((heads, 2), float("-inf"))], 1)
-    assert_fa_rule("out", out, ref_out, base_out)
-    assert_lse(lse, ref_lse, base_lse)
+    check_varlen_kvcache(tri.flash_attn_varlen_kvcache, lens, new, heads, kv_heads, head_dim, block_size, window,
+                         softcap, dtype, poisoned)

@@ -5,12 +5,14 @@ against the float64 reference with the FlashAttention rule (tests/attention_chec
 Run this folder in its own pytest process: the interpreter tests set TRITON_INTERPRET=1 for their process, and
 Triton kernels imported under it would run interpreted here instead of compiled.
 """
+import contextlib
 import os
 
 import pytest
 import torch
 
-from attention_checks import (assert_fa_rule, assert_lse, eager_grads, kvcache_baseline, paged_cache, randn)
+from attention_checks import (VARLEN_DECODE, assert_fa_rule, assert_lse, check_varlen_kvcache, eager_grads,
+                              kvcache_baseline, paged_cache, randn)
 from flashgen import kernels  # noqa: F401  (registers the Triton kernels for CUDA)
 from flashgen.kernels import _backend, reference
 
@@ -25,7 +27,7 @@ def has_cuda_decode():
 
 
 def test_triton_kernels_are_registered_for_cuda():
-    for op in ("flash_attn_fwd", "flash_attn_bwd", "flash_attn_kvcache"):
+    for op in ("flash_attn_fwd", "flash_attn_bwd", "flash_attn_kvcache", "flash_attn_varlen_kvcache"):
         assert _backend.has_kernel(op, "CUDA"), op
 
 
@@ -184,3 +186,10 @@ def test_cuda_cpp_decode_rejects_bad_input():
         op(q, k_cache, v_cache, None, None, cache_seqlens.long(), block_table, *opts)
     with pytest.raises(RuntimeError, match="block_table"):
         op(q, k_cache, v_cache, None, None, cache_seqlens, block_table.cpu(), *opts)
+
+
+@pytest.mark.parametrize("lens,new,heads,kv_heads,head_dim,block_size,window,softcap,dtype", VARLEN_DECODE)
+def test_varlen_kvcache(lens, new, heads, kv_heads, head_dim, block_size, window, softcap, dtype):
+    """flashgen::flash_attn_varlen_kvcache on the GPU (the Triton kernel the op dispatches to for CUDA)."""
+    check_varlen_kvcache(torch.ops.flashgen.flash_attn_varlen_kvcache, lens, new, heads, kv_heads, head_dim,
+                         block_size, window, softcap, dtype, contextlib.nullcontext, device=DEV)
