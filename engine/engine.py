@@ -169,9 +169,10 @@ class Engine:
         plain = [i for i, s in enumerate(seqs)
                  if s.params.greedy and not s.params.penalized and s.params.logprobs is None]
         if plain:
-            for i, t in zip(plain, logits[plain].argmax(-1).tolist()):
+            rows = logits if len(plain) == len(seqs) else logits[plain]
+            for i, t in zip(plain, rows.argmax(-1).tolist()):
                 tokens[i] = t
-        for i, seq in enumerate(seqs):
-            if i not in plain:
-                tokens[i], lps[i], tops[i] = seq.sample(logits[i:i + 1])
+        others = set(range(len(seqs))) - set(plain)
+        for i in sorted(others):
+            tokens[i], lps[i], tops[i] = seqs[i].sample(logits[i:i + 1])
         return tokens, lps, tops

@@ -218,7 +218,7 @@ def _schedule(n, seed):
     return reqs
 
 
-@pytest.mark.parametrize("quant", [None, "int4"])
+@pytest.mark.parametrize("quant", [None, "int4", "int8"])
 def test_batch_invariance_random_arrivals(tiny_models, quant):  # noqa: F811
     """A dozen requests arriving at random steps, mixed lengths, sampling params and seeds, in a pool small
     enough to preempt and a token budget that chunks prompts: each equals itself run alone, bit for bit."""
