@@ -40,11 +40,13 @@ def eager_grads(q, k, v, dout, scale, causal, window, softcap):
 
 def assert_fa_rule(name, got, ref, baseline):
     """max|got - ref| <= 2 max|baseline - ref| + floor (one epsilon of got's dtype at the larger of 1 and
-    max|ref|), with ref in float64; no NaN anywhere."""
+    max|ref|; four for float32, where eager's own error is a few epsilons and a split-K merge adds one or two
+    roundings), with ref in float64; no NaN anywhere."""
     assert not got.isnan().any(), f"{name}: NaN (unwritten or invalid elements)"
     err = (got.double() - ref).abs().max().item()
     base = (baseline.double() - ref).abs().max().item()
-    floor = torch.finfo(got.dtype).eps * max(1.0, ref.abs().max().item())
+    eps = torch.finfo(got.dtype).eps * (4 if got.dtype == torch.float32 else 1)
+    floor = eps * max(1.0, ref.abs().max().item())
     assert err <= 2 * base + floor, f"{name}: error {err:.3g} vs eager {base:.3g}"
 
 
