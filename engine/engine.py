@@ -54,25 +54,24 @@ class Engine:
         self.model, self.tokenizer, self.device = model, tokenizer, torch.device(device)
         self.eos_token_ids = set(eos_token_ids)
         c, cache = model.config, model.cache
-        self.max_seq_len, dtype = cache.max_seq_len, cache.dtype
-        per_block = KVCache.bytes_per_block(c.num_layers, c.num_kv_heads, c.head_dim, dtype)
+        self.max_seq_len, dtype, block_size = cache.max_seq_len, cache.dtype, cache.block_size
+        per_block = KVCache.bytes_per_block(c.num_layers, c.num_kv_heads, c.head_dim, dtype, block_size)
+        per_seq = blocks_for(self.max_seq_len, block_size)
         if num_blocks is None:
             if kv_cache_memory is not None:
                 if kv_cache_memory <= 0:
                     raise ValueError(f"kv_cache_memory must be a positive number of GiB, got {kv_cache_memory}")
                 num_blocks = int(kv_cache_memory * 2 ** 30 // per_block)
             else:
-                want = max_num_seqs * blocks_for(self.max_seq_len)
-                num_blocks = max(blocks_for(self.max_seq_len),
-                                 min(want, int(psutil.virtual_memory().available * DEFAULT_KV_SHARE // per_block)))
-        if num_blocks < blocks_for(self.max_seq_len):
+                available = int(psutil.virtual_memory().available * DEFAULT_KV_SHARE // per_block)
+                num_blocks = max(per_seq, min(max_num_seqs * per_seq, available))
+        if num_blocks < per_seq:
             raise ValueError(f"the KV cache must hold at least one sequence of max_seq_len {self.max_seq_len}: "
-                             f"{blocks_for(self.max_seq_len)} blocks ({blocks_for(self.max_seq_len) * per_block / 2**30:.3f}"
-                             f" GiB), got {num_blocks}")
+                             f"{per_seq} blocks ({per_seq * per_block / 2**30:.3f} GiB), got {num_blocks}")
         model.setup_cache(1, self.max_seq_len, dtype, num_blocks=num_blocks)
-        log.info("KV cache: %d blocks of %d tokens, %.2f GiB", num_blocks, model.cache.block_size,
+        log.info("KV cache: %d blocks of %d tokens, %.2f GiB", num_blocks, block_size,
                  num_blocks * per_block / 2 ** 30)
-        self.blocks = BlockManager(num_blocks, model.cache.block_size, prefix_caching)
+        self.blocks = BlockManager(num_blocks, block_size, prefix_caching)
         self.scheduler = Scheduler(self.blocks, max_num_seqs, max_num_batched_tokens)
         self.runner = ModelRunner(model, device)
         self.requests = {}  # request id -> its sequences

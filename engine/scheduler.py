@@ -14,9 +14,10 @@ from .sequence import Status
 
 class Scheduler:
     def __init__(self, block_manager, max_num_seqs=16, max_num_batched_tokens=512):
-        if max_num_seqs < 1 or max_num_batched_tokens < 1:
-            raise ValueError(f"max_num_seqs and max_num_batched_tokens must be >= 1, got {max_num_seqs} and "
-                             f"{max_num_batched_tokens}")
+        if max_num_seqs < 1 or max_num_batched_tokens < max_num_seqs:
+            # a smaller budget would leave the last running decodes out of every step
+            raise ValueError(f"max_num_seqs must be >= 1 and max_num_batched_tokens >= max_num_seqs, got "
+                             f"{max_num_seqs} and {max_num_batched_tokens}")
         self.blocks = block_manager
         self.max_num_seqs, self.max_num_batched_tokens = max_num_seqs, max_num_batched_tokens
         self.waiting, self.running = deque(), []

@@ -157,6 +157,10 @@ def test_abort_frees_every_block(tokenizer):  # noqa: F811
         engine.add_request([1] * 64, params)
     with pytest.raises(ValueError, match="must be in"):
         engine.add_request([tokenizer.vocab_size], params)
+    with pytest.raises(ValueError, match="max_num_batched_tokens >= max_num_seqs"):
+        _engine(tokenizer, max_num_seqs=8, max_num_batched_tokens=4)
+    with pytest.raises(ValueError, match="at least one sequence"):
+        _engine(tokenizer, num_blocks=3)
 
 
 def test_n_samples_share_the_prompt_blocks(tokenizer):  # noqa: F811
