@@ -256,8 +256,8 @@ class LLM:
 
     @staticmethod
     def _completion(seq):
-        return Completion(seq.text.text, seq.output_ids, seq.finish_reason, seq.logprobs, seq.token_ids[
-            :seq.num_prompt_tokens], seq.top_logprobs)
+        prompt = seq.token_ids[:seq.num_prompt_tokens]
+        return Completion(seq.text.text, seq.output_ids, seq.finish_reason, seq.logprobs, prompt, seq.top_logprobs)
 
 
 def _parse_dtype(name):
