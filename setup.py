@@ -49,6 +49,9 @@ def want_cuda():
     return available and bool(rel("csrc/cuda/*.cu"))
 
 
+# `flashgen serve` (engine/server/): the HTTP stack, metrics and structured output.
+SERVE_REQUIRES = ["fastapi", "uvicorn", "prometheus_client", "llguidance"]
+
 cpu_arch = os.environ.get("FLASHGEN_CPU_ARCH", "x86-64-v3")
 ext_modules = [
     cpp_extension.CppExtension(
@@ -83,11 +86,15 @@ setup(
     version="0.1.0",
     description="Fused attention, norm and quantized-matmul kernels, and a small LLM inference engine",
     python_requires=">=3.10",
-    packages=["flashgen", "flashgen.kernels", "flashgen.kernels.triton", "flashgen.engine"],
+    packages=["flashgen", "flashgen.kernels", "flashgen.kernels.triton", "flashgen.engine", "flashgen.engine.server"],
     package_dir={"flashgen": "flashgen", "flashgen.kernels": "kernels", "flashgen.engine": "engine"},
     ext_modules=ext_modules,
     cmdclass={"build_ext": cpp_extension.BuildExtension.with_options(use_ninja=True)},
-    install_requires=["torch>=2.6", "numpy", "safetensors", "gguf>=0.10", "tokenizers", "jinja2", "tqdm"],
-    extras_require={"test": ["pytest", "pytest-benchmark", "transformers", "accelerate", "sentencepiece"]},
+    install_requires=["torch>=2.6", "numpy", "safetensors", "gguf>=0.10", "tokenizers", "jinja2", "tqdm", "psutil"],
+    extras_require={
+        "serve": SERVE_REQUIRES,
+        "test": ["pytest", "pytest-benchmark", "transformers", "accelerate", "sentencepiece", "openai", "jsonschema",
+                 *SERVE_REQUIRES],
+    },
     entry_points={"console_scripts": ["flashgen = flashgen.engine.cli:main"]},
 )

@@ -1,8 +1,9 @@
-"""The `flashgen` command: generate, chat, bench.
+"""The `flashgen` command: generate, chat, bench, serve.
 
     flashgen generate --prompt "Why is the sky blue?"       # streams the reply, stats on stderr
     flashgen chat --system "You are terse."                  # interactive; /reset, /exit; Ctrl-C stops a reply
     flashgen bench -p 512 -n 128 -r 5                        # llama-bench style pp / tg tokens/s
+    flashgen serve --port 8000 --max-num-seqs 16             # OpenAI-compatible server on 127.0.0.1
 
 Errors (missing model, bad options, a prompt longer than the context) print one line on stderr and exit
 with a non-zero status.
@@ -89,6 +90,19 @@ def build_parser():
     b.add_argument("-n", "--n-gen", type=_positive_int, default=128, help="generated tokens (tg test)")
     b.add_argument("-r", "--repetitions", type=_positive_int, default=5)
     b.add_argument("--json", action="store_true", help="print the results as JSON instead of a table")
+
+    s = sub.add_parser("serve", help="an OpenAI-compatible HTTP server (/v1/completions, /v1/chat/completions)")
+    _add_model_options(s)
+    s.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
+    s.add_argument("--port", type=int, default=8000)
+    s.add_argument("--max-num-seqs", type=_positive_int, default=16, help="sequences running at once")
+    s.add_argument("--max-num-batched-tokens", type=_positive_int, default=512, help="tokens per engine step")
+    s.add_argument("--max-queue", type=int, default=64,
+                   help="requests waiting beyond the running ones before new ones get 503")
+    s.add_argument("--kv-cache-memory", type=float, help="KV cache size in GiB (default: from free memory)")
+    s.add_argument("--api-key", help="require 'Authorization: Bearer KEY' (default: no key)")
+    s.add_argument("--served-model-name", help="the model name clients send (default: the file or folder name)")
+    s.add_argument("--max-body-bytes", type=_positive_int, default=4 * 2 ** 20, help="largest request body")
     return parser
 
 
@@ -107,11 +121,11 @@ def _check_sampling(args):
                                          "presence_penalty", "frequency_penalty", "seed")})
 
 
-def _load(args, max_seq_len=None):
+def _load(args, max_seq_len=None, **engine_options):
     from .llm import LLM
 
     return LLM(args.model, device=args.device, dtype=args.dtype, quant=args.quant,
-               max_seq_len=max_seq_len or args.max_seq_len, kv_cache_dtype=args.kv_cache_dtype)
+               max_seq_len=max_seq_len or args.max_seq_len, kv_cache_dtype=args.kv_cache_dtype, **engine_options)
 
 
 def _stats_line(stats):
@@ -269,7 +283,27 @@ def cmd_bench(args):
     return 0
 
 
-COMMANDS = {"generate": cmd_generate, "chat": cmd_chat, "bench": cmd_bench}
+def cmd_serve(args):
+    from .server import serve
+    from .server.app import ServerConfig
+
+    if args.max_queue < 0:
+        raise CliError(f"--max-queue must be >= 0, got {args.max_queue}")
+    if not 0 <= args.port < 65536:
+        raise CliError(f"--port must be in [0, 65535], got {args.port}")
+    options = dict(max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens)
+    if args.kv_cache_memory is not None:
+        options["kv_cache_memory"] = args.kv_cache_memory
+    llm = _load(args, **options)
+    name = args.served_model_name or os.path.basename(llm.path.rstrip(os.sep))
+    config = ServerConfig(served_model_name=name, max_queue=args.max_queue, max_body_bytes=args.max_body_bytes,
+                          api_key=args.api_key)
+    print(f"flashgen: serving {name!r} on http://{args.host}:{args.port}/v1", file=sys.stderr, flush=True)
+    serve(llm, config, host=args.host, port=args.port, log_level="info" if args.verbose else "warning")
+    return 0
+
+
+COMMANDS = {"generate": cmd_generate, "chat": cmd_chat, "bench": cmd_bench, "serve": cmd_serve}
 
 
 def main(argv=None):

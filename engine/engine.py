@@ -42,6 +42,8 @@ class StepOutput:
     new_token_ids: list
     text: str
     finish_reason: str | None  # "eos", "stop", "length", "abort" or None while running
+    logprob: float | None = None  # of the new token, when the request asked for logprobs
+    top_logprobs: dict | None = None  # {token id: logprob} of the most likely tokens, when asked
 
 
 class Engine:
@@ -79,8 +81,9 @@ class Engine:
         self.num_prompt_tokens = self.num_generated_tokens = 0
 
     # ------------------------------------------------------------------ requests
-    def add_request(self, prompt_ids, params, request_id=None):
-        """Queue a request; returns its id. max_tokens is clamped to what the context leaves."""
+    def add_request(self, prompt_ids, params, request_id=None, constraint=None):
+        """Queue a request; returns its id. max_tokens is clamped to what the context leaves. constraint: a
+        callable giving each sample its own constraint on the tokens it may produce (engine/structured.py)."""
         prompt_ids = [int(t) for t in prompt_ids]
         if not prompt_ids:
             raise ValueError("the prompt is empty (no tokens): give some text")
@@ -100,7 +103,8 @@ class Engine:
         for i in range(params.n):
             p = params if i == 0 or params.seed is None else dataclasses.replace(params, seed=params.seed + i)
             seqs.append(Sequence(request_id, i, prompt_ids, p, self.tokenizer, self.eos_token_ids, vocab, self.device,
-                                 parent=seqs[0] if seqs else None))
+                                 parent=seqs[0] if seqs else None,
+                                 constraint=constraint() if constraint is not None else None))
         for seq in seqs:
             self.scheduler.add(seq)
         self.requests[request_id] = seqs
@@ -153,7 +157,7 @@ class Engine:
                 seq.first_token_time = now
             if seq.finish_reason is not None:
                 self.scheduler.finish(seq)
-            outputs.append(StepOutput(seq.request_id, seq.index, [token], piece, seq.finish_reason))
+            outputs.append(StepOutput(seq.request_id, seq.index, [token], piece, seq.finish_reason, lp, top))
         return outputs
 
     def run(self):
@@ -166,7 +170,7 @@ class Engine:
         take one argmax over their rows; the others sample from their own row with their own state."""
         tokens, lps, tops = [0] * len(seqs), [None] * len(seqs), [None] * len(seqs)
         plain = [i for i, s in enumerate(seqs)
-                 if s.params.greedy and not s.params.penalized and s.params.logprobs is None]
+                 if s.params.greedy and not s.params.penalized and s.params.logprobs is None and s.constraint is None]
         if plain:
             rows = logits if len(plain) == len(seqs) else logits[plain]
             for i, t in zip(plain, rows.argmax(-1).tolist()):

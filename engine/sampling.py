@@ -133,7 +133,8 @@ class Sampler:
 
     `prompts` (list of B token-id lists) seeds the repetition-penalty mask. Calling the sampler with
     logits (B, V) returns tokens (B,) (int64, on the logits' device) and, if `logprobs`, the log-probability
-    of each chosen token under the model's unprocessed distribution, log_softmax(logits).
+    of each chosen token under the model's unprocessed distribution, log_softmax(raw_logits) (raw_logits:
+    the logits before a caller's own masking; default `logits`).
     """
 
     def __init__(self, params: SamplingParams, prompts, vocab_size: int, device="cpu", logprobs=False):
@@ -151,7 +152,7 @@ class Sampler:
             self.output_counts = torch.zeros(b, vocab_size, dtype=torch.float32, device=device)
             self._ones = torch.ones(b, 1, device=device)
 
-    def __call__(self, logits):
+    def __call__(self, logits, raw_logits=None):
         p = self.params
         processed = logits
         if p.penalized:
@@ -168,5 +169,6 @@ class Sampler:
             self.seen.scatter_(1, tokens[:, None], True)
         if not self.logprobs:
             return tokens, None
-        lp = torch.log_softmax(logits.float(), -1).gather(-1, tokens[:, None]).squeeze(-1)
+        raw = logits if raw_logits is None else raw_logits
+        lp = torch.log_softmax(raw.float(), -1).gather(-1, tokens[:, None]).squeeze(-1)
         return tokens, lp

@@ -23,11 +23,12 @@ class Sequence:
     _ids = itertools.count()
 
     def __init__(self, request_id, index, prompt_ids, params, tokenizer, eos_token_ids, vocab_size, device,
-                 parent=None):
+                 parent=None, constraint=None):
         self.seq_id = next(Sequence._ids)
         self.request_id, self.index = request_id, index
         self.parent = parent  # sample 0 of the request, for samples 1..n-1
         self.params = params
+        self.constraint = constraint  # limits the tokens that may come next (engine/structured.py), or None
         self.token_ids = list(prompt_ids)
         self.num_prompt_tokens = len(prompt_ids)
         self.num_computed = 0
@@ -66,17 +67,20 @@ class Sequence:
             self.finish_reason = "eos"
             return self.text.finish()
         piece = self.text.add(token)
-        if self.text.stopped:
+        complete = self.constraint is not None and self.constraint.accept(token)
+        if self.text.stopped or complete:
             self.finish_reason = "stop"
         elif len(self.output_ids) >= self.params.max_tokens:
             self.finish_reason = "length"
-        if self.finish_reason == "length":
+        if self.finish_reason is not None:
             piece += self.text.finish()
         return piece
 
     def sample(self, logits):
-        """The next token from this sequence's logits (1, V): (token, logprob or None, top logprobs or None)."""
-        tokens, lp = self.sampler(logits)
+        """The next token from this sequence's logits (1, V): (token, logprob or None, top logprobs or None).
+        Log-probabilities are the model's own, before penalties and constraints."""
+        allowed = logits if self.constraint is None else self.constraint.mask(logits)
+        tokens, lp = self.sampler(allowed, raw_logits=logits)
         token = int(tokens[0])
         top = None
         if self.params.logprobs:
