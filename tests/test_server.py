@@ -230,6 +230,20 @@ def test_concurrent_greedy_streams_equal_solo(server, client):
     server.wait_idle()
 
 
+def test_sampling_fields(client):
+    chat = dict(model=MODEL, messages=[{"role": "user", "content": "Hello there"}], temperature=0)
+    short = client.chat.completions.create(max_completion_tokens=3, max_tokens=50, **chat)
+    assert short.usage.completion_tokens <= 3  # max_completion_tokens wins over the deprecated max_tokens
+    base = dict(prompt="The quick brown fox", max_tokens=30, ignore_eos=True)
+    greedy = complete(client, temperature=0, **base).choices[0].text
+    # greedy with a strong repetition penalty differs; top_k=1 (or min_p=1) at temperature 1 is greedy again
+    assert complete(client, temperature=0, repetition_penalty=5.0, **base).choices[0].text != greedy
+    assert complete(client, temperature=1.0, top_k=1, seed=4, **base).choices[0].text == greedy
+    assert complete(client, temperature=1.0, min_p=1.0, seed=4, **base).choices[0].text == greedy
+    assert complete(client, temperature=0, presence_penalty=2.0, frequency_penalty=2.0,
+                    **base).choices[0].text != greedy
+
+
 def test_context_limits(server, client):
     long_ids = [5] * MAX_SEQ_LEN
     with pytest.raises(openai.BadRequestError) as e:
