@@ -1,15 +1,19 @@
 """flashgen kernels: public functions over the `flashgen::*` ops declared in kernels/ops.py."""
-import torch
+# Run from the repository root, this folder is also importable as a top-level `kernels`, a name transformers
+# probes for the Hugging Face hub package of that name: imported so, it stays empty (flashgen's ops must be
+# declared once, by flashgen.kernels).
+if __name__ == "flashgen.kernels":
+    import torch
 
-from . import _backend, ops  # noqa: F401  (loads the extensions and declares the ops)
-from .norm import FusedLayerNorm, FusedRMSNorm, layer_norm, rms_norm  # noqa: F401
-from .attention import (flash_attn_func, flash_attn_varlen_func, flash_attn_varlen_with_kvcache,  # noqa: F401
-                        flash_attn_with_kvcache)
-from .qlinear import (QuantizedLinear, QuantizedWeight, ggml_linear, int4_linear, int8_linear, int8_linear_dynamic,  # noqa: F401,E501
-                      quantize_int4, quantize_int8, quantize_model)
+    from . import _backend, ops  # noqa: F401  (loads the extensions and declares the ops)
+    from .norm import FusedLayerNorm, FusedRMSNorm, layer_norm, rms_norm  # noqa: F401
+    from .attention import (flash_attn_func, flash_attn_varlen_func, flash_attn_varlen_with_kvcache,  # noqa: F401
+                            flash_attn_with_kvcache)
+    from .qlinear import (QuantizedLinear, QuantizedWeight, ggml_linear, int4_linear, int8_linear, int8_linear_dynamic,  # noqa: F401,E501
+                          quantize_int4, quantize_int8, quantize_model)
 
-if torch.cuda.is_available():
-    # Importing Triton costs start-up time, so the CUDA kernels are registered only where they can run.
-    from .triton import register as _register_triton
+    if torch.cuda.is_available():
+        # Importing Triton costs start-up time, so the CUDA kernels are registered only where they can run.
+        from .triton import register as _register_triton
 
-    _register_triton()
+        _register_triton()
