@@ -20,8 +20,21 @@ ARCHS = ["llama", "mistral", "qwen2", "qwen3", "phi3"]
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
+def _gemma():
+    config = transformers.GemmaConfig(vocab_size=VOCAB_SIZE, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                                      num_attention_heads=4, num_key_value_heads=1, head_dim=16,
+                                      initializer_range=0.1)
+    model = transformers.GemmaForCausalLM(config)
+    with torch.no_grad():  # Gemma's norms start at weight 0 (scale 1 + 0): make the offset matter
+        for m in model.modules():
+            if type(m).__name__ == "GemmaRMSNorm":
+                m.weight.normal_(0, 0.3)
+    return model
+
+
 def _model(arch, dtype=torch.float32):
-    model = make_model(arch, seed=int(torch.randint(0, 2 ** 31, ()))).to(dtype)
+    seed = int(torch.randint(0, 2 ** 31, ()))
+    model = (_gemma() if arch == "gemma" else make_model(arch, seed=seed)).to(dtype)
     model.config.attention_dropout = 0.0
     return model.train()
 
@@ -41,7 +54,7 @@ def _loss(model, ids, mask):
     return torch.nn.functional.cross_entropy(logits.float(), target), out.logits
 
 
-@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("arch", ARCHS + ["gemma"])
 def test_forward_and_gradients_match(arch):
     ref = _model(arch)
     fused = apply_flashgen(copy.deepcopy(ref), verify=True)
