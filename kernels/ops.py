@@ -123,6 +123,76 @@ torch.library.register_autograd(RMS_NORM_FWD, _rms_norm_backward, setup_context=
 torch.library.register_autograd(LAYER_NORM_FWD, _layer_norm_backward, setup_context=_layer_norm_setup)
 
 
+# ---------------------------------------------------------------- activations
+SILU_MUL_FWD = _define("silu_mul_fwd(Tensor gate, Tensor up) -> Tensor", reference.silu_mul_fwd)
+SILU_MUL_BWD = _define("silu_mul_bwd(Tensor dy, Tensor gate, Tensor up) -> (Tensor dgate, Tensor dup)",
+                       reference.silu_mul_bwd)
+
+
+@torch.library.register_fake(SILU_MUL_FWD)
+def _(gate, up):
+    return torch.empty_like(gate, memory_format=torch.contiguous_format)
+
+
+@torch.library.register_fake(SILU_MUL_BWD)
+def _(dy, gate, up):
+    return (torch.empty_like(gate, memory_format=torch.contiguous_format),
+            torch.empty_like(up, memory_format=torch.contiguous_format))
+
+
+def _silu_mul_setup(ctx, inputs, output):
+    ctx.save_for_backward(*inputs)
+
+
+def _silu_mul_backward(ctx, dy):
+    return torch.ops.flashgen.silu_mul_bwd(dy.contiguous(), *ctx.saved_tensors)
+
+
+torch.library.register_autograd(SILU_MUL_FWD, _silu_mul_backward, setup_context=_silu_mul_setup)
+
+
+# ---------------------------------------------------------------- fused linear cross-entropy
+LINEAR_CE_FWD = _define(
+    "linear_cross_entropy_fwd(Tensor hidden, Tensor weight, Tensor? bias, Tensor target, int ignore_index)"
+    " -> (Tensor loss, Tensor lse)",
+    reference.linear_cross_entropy_fwd,
+)
+LINEAR_CE_BWD = _define(
+    "linear_cross_entropy_bwd(Tensor dloss, Tensor hidden, Tensor weight, Tensor? bias, Tensor target, Tensor lse,"
+    " int ignore_index) -> (Tensor dhidden, Tensor dweight, Tensor dbias)",
+    reference.linear_cross_entropy_bwd,
+)
+
+
+@torch.library.register_fake(LINEAR_CE_FWD)
+def _(hidden, weight, bias, target, ignore_index):
+    return _stats_like(hidden), _stats_like(hidden)
+
+
+@torch.library.register_fake(LINEAR_CE_BWD)
+def _(dloss, hidden, weight, bias, target, lse, ignore_index):
+    return (hidden.new_empty(hidden.shape), weight.new_empty(weight.shape),
+            bias.new_empty(bias.shape) if bias is not None else hidden.new_empty(0))
+
+
+def _linear_ce_setup(ctx, inputs, output):
+    hidden, weight, bias, target, ignore_index = inputs
+    ctx.ignore_index, ctx.has_bias = ignore_index, bias is not None
+    ctx.save_for_backward(hidden, weight, bias, target, output[1])
+
+
+def _linear_ce_backward(ctx, dloss, _dlse):
+    hidden, weight, bias, target, lse = ctx.saved_tensors
+    if dloss is None:
+        dloss = torch.zeros_like(lse)
+    dh, dw, db = torch.ops.flashgen.linear_cross_entropy_bwd(dloss.contiguous(), hidden, weight, bias, target, lse,
+                                                              ctx.ignore_index)
+    return dh, dw, db if ctx.has_bias else None, None, None
+
+
+torch.library.register_autograd(LINEAR_CE_FWD, _linear_ce_backward, setup_context=_linear_ce_setup)
+
+
 # ---------------------------------------------------------------- attention
 # Schemas fixed with the GPU engineers (see kernels/attention.py for the meaning of every argument).
 FLASH_ATTN_FWD = _define(

@@ -12,6 +12,52 @@ def _stat_dtype(t):
     return torch.float64 if t.dtype == torch.float64 else torch.float32
 
 
+# ---------------------------------------------------------------- activations
+def silu_mul_fwd(gate, up):
+    """y = silu(gate) * up = gate * sigmoid(gate) * up (SwiGLU's gating), in float32 at least."""
+    f = _stat_dtype(gate)
+    g = gate.to(f)
+    return (g * torch.sigmoid(g) * up.to(f)).to(gate.dtype).contiguous()
+
+
+def silu_mul_bwd(dy, gate, up):
+    """With s = sigmoid(gate): dup = dy * gate * s;  dgate = dy * up * s * (1 + gate * (1 - s))."""
+    f = _stat_dtype(gate)
+    g, u, d = gate.to(f), up.to(f), dy.to(f)
+    s = torch.sigmoid(g)
+    return ((d * u * s * (1 + g * (1 - s))).to(gate.dtype).contiguous(), (d * g * s).to(up.dtype).contiguous())
+
+
+# ---------------------------------------------------------------- fused linear cross-entropy
+def _logits(hidden, weight, bias):
+    f = _stat_dtype(hidden)
+    z = hidden.to(f) @ weight.to(f).T
+    return z + bias.to(f) if bias is not None else z
+
+
+def linear_cross_entropy_fwd(hidden, weight, bias, target, ignore_index):
+    """Per row n with z = hidden @ weight.T + bias: lse_n = logsumexp(z_n), loss_n = lse_n - z_n[target_n]
+    (0 where target_n == ignore_index). Both float32 (float64 for float64 hidden), shape (N,)."""
+    z = _logits(hidden, weight, bias)
+    lse = torch.logsumexp(z, -1)
+    valid = target != ignore_index
+    picked = z.gather(-1, torch.where(valid, target, 0)[:, None]).squeeze(-1)
+    return torch.where(valid, lse - picked, 0).contiguous(), lse.contiguous()
+
+
+def linear_cross_entropy_bwd(dloss, hidden, weight, bias, target, lse, ignore_index):
+    """With g_n = dloss_n (0 for ignored rows) and dz = g (softmax(z) - onehot(target)):
+    dhidden = dz @ weight, dweight = dz.T @ hidden, dbias = sum_rows(dz) (empty without a bias)."""
+    z = _logits(hidden, weight, bias)
+    valid = target != ignore_index
+    g = torch.where(valid, dloss.to(z.dtype), 0)[:, None]
+    dz = torch.exp(z - lse.to(z.dtype)[:, None]) * g
+    dz.scatter_add_(-1, torch.where(valid, target, 0)[:, None], -g)
+    dbias = dz.sum(0).to(bias.dtype) if bias is not None else hidden.new_empty(0)
+    return ((dz @ weight.to(z.dtype)).to(hidden.dtype).contiguous(), (dz.T @ hidden.to(z.dtype)).to(weight.dtype),
+            dbias)
+
+
 # ---------------------------------------------------------------- norms
 def rms_norm_fwd(x, weight, residual, eps, weight_offset):
     """h = x + residual (when given); y = h / sqrt(mean(h^2) + eps) * w', w' = 1 + w if weight_offset else w.

@@ -40,6 +40,8 @@ struct Simd {
   void (*transpose16)(const float* src, int64_t ld_src, float* dst, int64_t ld_dst);
   // out = g * sigmoid(g) (* up where given) over any n; the decoder's SwiGLU, on the exp above.
   void (*silu)(const float* g, const float* up, float* out, int64_t n);
+  // out = sigmoid(g) = 1 / (1 + exp(-g)) over any n.
+  void (*sigmoid)(const float* g, float* out, int64_t n);
 };
 const Simd& simd();  // AVX-512 when the CPU has it, AVX2 otherwise
 

@@ -131,6 +131,15 @@ FLASHGEN_AVX512 void silu512(const float* g, const float* up, float* out, int64_
   }
 }
 
+FLASHGEN_AVX512 void sigmoid512(const float* g, float* out, int64_t n) {
+  for (int64_t i = 0; i < n; i += 16) {
+    const __mmask16 m = n - i >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << (n - i)) - 1);
+    const __m512 x = _mm512_maskz_loadu_ps(m, g + i);
+    const __m512 one = _mm512_set1_ps(1.f);
+    _mm512_mask_storeu_ps(out + i, m, _mm512_div_ps(one, _mm512_add_ps(one, exp512(_mm512_sub_ps(_mm512_setzero_ps(), x)))));
+  }
+}
+
 // ---------------------------------------------------------------- AVX2 (the build baseline)
 template <int R>
 inline void tile256(int kk, const float* a, int64_t ar, int64_t ac, const float* b, int64_t ldb, float* c,
@@ -234,11 +243,21 @@ void silu256(const float* g, const float* up, float* out, int64_t n) {
   for (; i < n; ++i) out[i] = g[i] / (1.f + std::exp(-g[i])) * (up ? up[i] : 1.f);
 }
 
+void sigmoid256(const float* g, float* out, int64_t n) {
+  int64_t i = 0;
+  const __m256 one = _mm256_set1_ps(1.f);
+  for (; i + 8 <= n; i += 8) {
+    const __m256 x = _mm256_loadu_ps(g + i);
+    _mm256_storeu_ps(out + i, _mm256_div_ps(one, _mm256_add_ps(one, exp256(_mm256_sub_ps(_mm256_setzero_ps(), x)))));
+  }
+  for (; i < n; ++i) out[i] = 1.f / (1.f + std::exp(-g[i]));
+}
+
 }  // namespace
 
 const Simd& simd() {
-  static const Simd avx512{gemm512, row_max512, exp_sum512, transpose16_512, silu512},
-      avx2{gemm256, row_max256, exp_sum256, transpose16_256, silu256};
+  static const Simd avx512{gemm512, row_max512, exp_sum512, transpose16_512, silu512, sigmoid512},
+      avx2{gemm256, row_max256, exp_sum256, transpose16_256, silu256, sigmoid256};
   // FLASHGEN_NO_AVX512=1 forces the AVX2 path (so tests on an AVX-512 machine cover both).
   static const bool use_avx512 = has_avx512() && !std::getenv("FLASHGEN_NO_AVX512");
   return use_avx512 ? avx512 : avx2;

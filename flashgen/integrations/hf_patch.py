@@ -1,16 +1,22 @@
 """apply_flashgen / unapply_flashgen: flashgen kernels in one Hugging Face model instance.
 
-Only the instance changes (its config's attention implementation and its norm modules' forward); the
+Only the instance changes (its config's attention implementation and its modules' forward); the
 transformers classes stay as they are, so other models in the process are untouched and unapply_flashgen
 restores the model exactly. Supported: Llama, Mistral, Qwen2, Qwen3 and Phi-3 (their RMSNorm is
 y = weight * (x / rms(x)).to(x.dtype)) and Gemma's (1 + weight) form, mapped to the fused kernel's
 weight_offset. The fused kernel rounds once, after the weight, where transformers rounds before it: equal in
-float32, and the more exact of the two in 16-bit.
+float32, and the more exact of the two in 16-bit. The gated MLPs with a SiLU gate (Llama's gate_proj / up_proj,
+Phi-3's fused gate_up_proj) run silu_mul, which saves only its two inputs for the backward. In training, a
+forward given labels computes transformers' causal-LM loss (shifted labels, ignore_index -100, mean, or sum
+over num_items_in_batch) with the fused linear cross-entropy and returns logits=None: the (tokens, vocab)
+logits are never formed. In eval, or without labels, the model's own forward runs.
 """
+import inspect
 import types
 
 import torch
 
+from flashgen.kernels import linear_cross_entropy, silu_mul
 from flashgen.kernels import rms_norm as fused_rms_norm
 
 from ._transformers import require_transformers
@@ -30,12 +36,62 @@ def _rms_forward(self, hidden_states):
     return fused_rms_norm(hidden_states, self.weight, getattr(self, eps_name), weight_offset=offset)
 
 
-def apply_flashgen(model, attention=True, rms_norm=True, verify=False):
+def _gated_forward(self, x):
+    return self.down_proj(silu_mul(self.gate_proj(x), self.up_proj(x)))
+
+
+def _fused_gated_forward(self, x):
+    gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
+    return self.down_proj(silu_mul(gate, up))
+
+
+def _is_silu(fn):
+    return type(fn).__name__ in ("SiLU", "SiLUActivation")
+
+
+def _mlp_forward(module):
+    """The silu_mul forward for a gated SiLU MLP module, or None for any other module."""
+    if _is_silu(getattr(module, "act_fn", None)) and all(hasattr(module, n) for n in ("gate_proj", "up_proj",
+                                                                                        "down_proj")):
+        return _gated_forward
+    if _is_silu(getattr(module, "activation_fn", None)) and hasattr(module, "gate_up_proj"):
+        return _fused_gated_forward
+    return None
+
+
+def _causal_lm_forward(self, *args, **kwargs):
+    original = type(self).forward
+    arguments = inspect.signature(original).bind(self, *args, **kwargs).arguments
+    extra = arguments.pop("kwargs", {})
+    labels, head = arguments.pop("labels", None), self.lm_head
+    if labels is None or not self.training or head.weight.dtype != next(self.model.parameters()).dtype:
+        return original(self, *args, **kwargs)
+    del arguments["self"]
+    arguments.pop("logits_to_keep", None)
+    shift_labels, num_items = extra.pop("shift_labels", None), extra.get("num_items_in_batch")
+    outputs = self.model(**arguments, **extra)
+    if shift_labels is None:
+        shift_labels = torch.nn.functional.pad(labels, (0, 1), value=-100)[..., 1:]
+    hidden = outputs.last_hidden_state
+    loss = linear_cross_entropy(hidden, head.weight, shift_labels.to(hidden.device), bias=head.bias,
+                                reduction="mean" if num_items is None else "sum")
+    if num_items is not None:
+        loss = loss / (num_items.to(loss.device) if torch.is_tensor(num_items) else num_items)
+    from transformers.modeling_outputs import CausalLMOutputWithPast
+
+    return CausalLMOutputWithPast(loss=loss, logits=None, hidden_states=outputs.hidden_states,
+                                  attentions=outputs.attentions)
+
+
+def apply_flashgen(model, attention=True, rms_norm=True, swiglu=True, fused_linear_cross_entropy=True,
+                   verify=False):
     """Patch `model` (a transformers PreTrainedModel) in place; returns it.
 
     attention: attn_implementation "fg_attention" (integrations/hf_attention.py). rms_norm: every RMSNorm
-    module runs the fused kernel. verify: check each patched part against the original on a small random
-    input now (a mismatch undoes the patch and raises). The model's other modules are left as they are.
+    module runs the fused kernel. swiglu: every gated SiLU MLP runs silu_mul. fused_linear_cross_entropy: the
+    training loss without logits (see the module docstring). verify: check each patched part
+    against the original on a small random input now (a mismatch undoes the patch and raises). The model's
+    other modules are left as they are.
     """
     require_transformers()
     model_type = getattr(model.config, "model_type", None)
@@ -43,18 +99,29 @@ def apply_flashgen(model, attention=True, rms_norm=True, verify=False):
         raise ValueError(f"apply_flashgen supports model types {list(SUPPORTED)}, got {model_type!r}")
     if getattr(model, "_flashgen_patched", None) is not None:
         raise ValueError("apply_flashgen: this model is already patched (unapply_flashgen first)")
-    norms = [(n, m) for n, m in model.named_modules() if type(m).__name__ in _NORMS] if rms_norm else []
+    forwards = []  # (name, module, new forward)
+    for name, module in model.named_modules():
+        if rms_norm and type(module).__name__ in _NORMS:
+            forwards.append((name, module, _rms_forward))
+        elif swiglu and (fn := _mlp_forward(module)) is not None:
+            forwards.append((name, module, fn))
+    if fused_linear_cross_entropy:
+        if not isinstance(getattr(model, "lm_head", None), torch.nn.Linear) or not hasattr(model, "model"):
+            raise ValueError(f"fused_linear_cross_entropy needs a causal LM with lm_head and model (got "
+                             f"{type(model).__name__}); pass fused_linear_cross_entropy=False")
+        forwards.append(("", model, _causal_lm_forward))
     if verify:
-        for name, module in norms:
-            _verify_norm(name, module)
+        for name, module, fn in forwards:
+            if module is not model:  # the loss is checked with the whole model below
+                _verify_module(name, module, fn)
     reference = _sample_logits(model) if verify else None
-    patched = {"attention": None, "norms": [m for _, m in norms]}
+    patched = {"attention": None, "modules": [m for _, m, _ in forwards]}
     if attention:
         register_attention()
         patched["attention"] = model.config._attn_implementation
         model.set_attn_implementation(ATTENTION_NAME)
-    for _, module in norms:
-        module.forward = types.MethodType(_rms_forward, module)
+    for _, module, fn in forwards:
+        module.forward = types.MethodType(fn, module)
     model._flashgen_patched = patched
     if reference is not None:
         _verify_logits(model, reference)
@@ -66,7 +133,7 @@ def unapply_flashgen(model):
     patched = getattr(model, "_flashgen_patched", None)
     if patched is None:
         raise ValueError("unapply_flashgen: this model is not patched")
-    for module in patched["norms"]:
+    for module in patched["modules"]:
         del module.forward  # the instance attribute: the class's forward shows again
     if patched["attention"] is not None:
         model.set_attn_implementation(patched["attention"])
@@ -78,37 +145,55 @@ def _tolerance(dtype):
     return {torch.float32: 1e-4, torch.bfloat16: 3e-2, torch.float16: 5e-3}.get(dtype, 1e-4)
 
 
-def _verify_norm(name, module):
-    weight = module.weight
-    x = torch.randn(2, 5, weight.shape[-1], dtype=weight.dtype, device=weight.device)
+def _verify_module(name, module, forward):
+    weight = next(module.parameters())
+    hidden = weight.shape[-1] if type(module).__name__ in _NORMS else weight.shape[1]
+    x = torch.randn(2, 5, hidden, dtype=weight.dtype, device=weight.device)
     with torch.no_grad():
-        expected, got = type(module).forward(module, x), _rms_forward(module, x)
-    if got.dtype != expected.dtype or not torch.allclose(got.float(), expected.float(), rtol=_tolerance(x.dtype),
-                                                         atol=_tolerance(x.dtype)):
-        raise RuntimeError(f"apply_flashgen(verify=True): the fused RMSNorm differs from {name} "
-                           f"({type(module).__name__}); nothing was patched")
+        expected, got = type(module).forward(module, x), forward(module, x)
+    tol = _tolerance(x.dtype) * (1 + float(expected.abs().max()))
+    if got.dtype != expected.dtype or not torch.allclose(got.float(), expected.float(), rtol=tol, atol=tol):
+        raise RuntimeError(f"apply_flashgen(verify=True): the fused forward of {name} ({type(module).__name__}) "
+                           f"differs from the original; nothing was patched")
+
+
+def _run(model, ids, mask):
+    """(logits in eval mode, the training loss with labels) of the model on one padded batch."""
+    labels = ids.masked_fill(mask == 0, -100)
+    training = model.training
+    try:
+        with torch.no_grad():
+            model.eval()
+            logits = model(input_ids=ids, attention_mask=mask).logits
+            model.train()
+            loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
+    finally:
+        model.train(training)
+    return logits, loss
 
 
 def _sample_logits(model):
-    """(input ids, attention mask, logits) of the unpatched model on a small padded batch."""
+    """(input ids, attention mask, logits, loss) of the unpatched model on a small padded batch."""
     device = next(model.parameters()).device
     gen = torch.Generator().manual_seed(0)
     ids = torch.randint(0, model.config.vocab_size, (2, 7), generator=gen).to(device)
     mask = torch.ones_like(ids)
     mask[1, :2] = 0  # left padding in one row: the padded path too
-    with torch.no_grad():
-        return ids, mask, model(input_ids=ids, attention_mask=mask).logits
+    return (ids, mask, *_run(model, ids, mask))
 
 
 def _verify_logits(model, reference):
-    ids, mask, expected = reference
-    with torch.no_grad():
-        got = model(input_ids=ids, attention_mask=mask).logits
+    ids, mask, expected, expected_loss = reference
+    got, loss = _run(model, ids, mask)
     valid = mask.bool()
     tol = _tolerance(expected.dtype)
     scale = expected[valid].abs().max().clamp(min=1)
+    problems = []
     if not torch.allclose(got[valid], expected[valid], rtol=tol, atol=tol * scale):
-        err = (got[valid] - expected[valid]).abs().max()
+        problems.append(f"logits by {float((got[valid] - expected[valid]).abs().max()):.3g}")
+    if not torch.allclose(loss.float(), expected_loss.float(), rtol=tol, atol=tol):
+        problems.append(f"the loss, {float(loss):.6g} against {float(expected_loss):.6g}")
+    if problems:
         unapply_flashgen(model)
-        raise RuntimeError(f"apply_flashgen(verify=True): the patched model's logits differ from the original's "
-                           f"by {float(err):.3g}; the patch was undone")
+        raise RuntimeError(f"apply_flashgen(verify=True): the patched model differs from the original in "
+                           f"{' and '.join(problems)}; the patch was undone")
