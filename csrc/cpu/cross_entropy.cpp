@@ -74,6 +74,21 @@ void logits(const Problem& p, int64_t r0, int64_t rows, at::Tensor& buf) {
   if (p.vp > p.v) buf.narrow(0, 0, rows).narrow(1, p.v, p.vp - p.v).fill_(kNegInf);
 }
 
+// For each chunk of rows: its logits into buf, row(i, z_i) for each of its rows over threads, then
+// after(r0, rows) with the chunk's (rows, vp) buffer as row() left it.
+template <class Row, class After>
+void over_chunks(const Problem& p, at::Tensor& buf, Row&& row, After&& after) {
+  for (int64_t r0 = 0; r0 < p.n; r0 += p.chunk) {
+    const int64_t rows = std::min(p.chunk, p.n - r0);
+    logits(p, r0, rows, buf);
+    float* z = buf.data_ptr<float>();
+    at::parallel_for(0, rows, 1, [&](int64_t begin, int64_t end) {
+      for (int64_t r = begin; r < end; ++r) row(r0 + r, z + r * p.vp);
+    });
+    after(r0, rows);
+  }
+}
+
 std::tuple<at::Tensor, at::Tensor> linear_cross_entropy_fwd(const at::Tensor& hidden, const at::Tensor& weight,
                                                             const std::optional<at::Tensor>& bias,
                                                             const at::Tensor& target, int64_t ignore_index) {
@@ -84,23 +99,17 @@ std::tuple<at::Tensor, at::Tensor> linear_cross_entropy_fwd(const at::Tensor& hi
   const int64_t* t = p.target.const_data_ptr<int64_t>();
   float *loss_p = loss.data_ptr<float>(), *lse_p = lse.data_ptr<float>();
   const attn::Simd& isa = attn::simd();
-  for (int64_t r0 = 0; r0 < p.n; r0 += p.chunk) {
-    const int64_t rows = std::min(p.chunk, p.n - r0);
-    logits(p, r0, rows, buf);
-    float* z = buf.data_ptr<float>();
-    at::parallel_for(0, rows, 1, [&](int64_t begin, int64_t end) {
-      for (int64_t r = begin; r < end; ++r) {
-        float* zr = z + r * p.vp;
-        const int64_t i = r0 + r;
+  over_chunks(
+      p, buf,
+      [&](int64_t i, float* zr) {
         const bool valid = t[i] != p.ignore_index;
         const float picked = valid ? zr[t[i]] : 0.f;
         const float m = isa.row_max(zr, int(p.vp));
         const float l = m + std::log(isa.exp_sum(zr, int(p.vp), m));
         lse_p[i] = l;
         loss_p[i] = valid ? l - picked : 0.f;
-      }
-    });
-  }
+      },
+      [](int64_t, int64_t) {});
   return {loss, lse};
 }
 
@@ -119,26 +128,21 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_cross_entropy_bwd(
   const int64_t* t = p.target.const_data_ptr<int64_t>();
   const float *g = dloss.const_data_ptr<float>(), *l = lse.const_data_ptr<float>();
   const attn::Simd& isa = attn::simd();
-  for (int64_t r0 = 0; r0 < p.n; r0 += p.chunk) {
-    const int64_t rows = std::min(p.chunk, p.n - r0);
-    logits(p, r0, rows, buf);
-    float* z = buf.data_ptr<float>();
-    at::parallel_for(0, rows, 1, [&](int64_t begin, int64_t end) {
-      for (int64_t r = begin; r < end; ++r) {
-        float* zr = z + r * p.vp;
-        const int64_t i = r0 + r;
+  over_chunks(
+      p, buf,
+      [&](int64_t i, float* zr) {
         const bool valid = t[i] != p.ignore_index;
         const float gi = valid ? g[i] : 0.f;
         isa.exp_sum(zr, int(p.vp), l[i]);  // softmax probabilities, in place
         for (int64_t c = 0; c < p.v; ++c) zr[c] *= gi;
         if (valid) zr[t[i]] -= gi;
-      }
-    });
-    at::Tensor dz = buf.narrow(0, 0, rows).narrow(1, 0, p.v);
-    dh.narrow(0, r0, rows).copy_(at::mm(dz, p.w));
-    dw.addmm_(dz.t(), p.h.narrow(0, r0, rows).to(at::kFloat));
-    if (db.defined()) db.add_(dz.sum(0));
-  }
+      },
+      [&](int64_t r0, int64_t rows) {
+        at::Tensor dz = buf.narrow(0, 0, rows).narrow(1, 0, p.v);
+        dh.narrow(0, r0, rows).copy_(at::mm(dz, p.w));
+        dw.addmm_(dz.t(), p.h.narrow(0, r0, rows).to(at::kFloat));
+        if (db.defined()) db.add_(dz.sum(0));
+      });
   return {dh, dw.to(weight.scalar_type()), db.defined() ? db.to(weight.scalar_type()) : at::empty({0}, hidden.options())};
 }
 
