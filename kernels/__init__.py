@@ -9,6 +9,7 @@ if __name__ == "flashgen.kernels":
     from .norm import FusedLayerNorm, FusedRMSNorm, layer_norm, rms_norm  # noqa: F401
     from .activation import silu_mul  # noqa: F401
     from .cross_entropy import linear_cross_entropy  # noqa: F401
+    from .rotary import apply_rotary  # noqa: F401
     from .attention import (flash_attn_func, flash_attn_varlen_func, flash_attn_varlen_with_kvcache,  # noqa: F401
                             flash_attn_with_kvcache)
     from .qlinear import (QuantizedLinear, QuantizedWeight, ggml_linear, int4_linear, int8_linear, int8_linear_dynamic,  # noqa: F401,E501

@@ -151,6 +151,30 @@ def _silu_mul_backward(ctx, dy):
 torch.library.register_autograd(SILU_MUL_FWD, _silu_mul_backward, setup_context=_silu_mul_setup)
 
 
+# ---------------------------------------------------------------- rotary embedding
+# One op for both directions: the backward is the same rotation transposed (cos and sin take no gradient).
+ROTARY = _define("rotary(Tensor x, Tensor cos, Tensor sin, bool backward) -> Tensor", reference.rotary)
+
+
+@torch.library.register_fake(ROTARY)
+def _(x, cos, sin, backward):
+    return torch.empty_like(x, memory_format=torch.contiguous_format)
+
+
+def _rotary_setup(ctx, inputs, output):
+    _, cos, sin, backward = inputs
+    ctx.backward = backward
+    ctx.save_for_backward(cos, sin)
+
+
+def _rotary_backward(ctx, dy):
+    cos, sin = ctx.saved_tensors
+    return torch.ops.flashgen.rotary(dy.contiguous(), cos, sin, not ctx.backward), None, None, None
+
+
+torch.library.register_autograd(ROTARY, _rotary_backward, setup_context=_rotary_setup)
+
+
 # ---------------------------------------------------------------- fused linear cross-entropy
 LINEAR_CE_FWD = _define(
     "linear_cross_entropy_fwd(Tensor hidden, Tensor weight, Tensor? bias, Tensor target, int ignore_index)"

@@ -28,6 +28,24 @@ def silu_mul_bwd(dy, gate, up):
     return ((d * u * s * (1 + g * (1 - s))).to(gate.dtype).contiguous(), (d * g * s).to(up.dtype).contiguous())
 
 
+# ---------------------------------------------------------------- rotary embedding
+def rotary(x, cos, sin, backward):
+    """Rotate-half rotary embedding of x (B, S, H, D) by cos, sin (B or 1, S, R), R <= D even, h = R / 2:
+    y[:h] = x[:h] cos[:h] - x[h:R] sin[:h],  y[h:R] = x[h:R] cos[h:R] + x[:h] sin[h:R],  y[R:] = x[R:].
+    backward: the transpose, dx from dy: dx[:h] = dy[:h] cos[:h] + dy[h:R] sin[h:R],
+    dx[h:R] = dy[h:R] cos[h:R] - dy[:h] sin[:h]."""
+    f = _stat_dtype(x)
+    r = cos.shape[-1]
+    h = r // 2
+    xf, c, s = x.to(f), cos.to(f)[:, :, None], sin.to(f)[:, :, None]
+    x1, x2 = xf[..., :h], xf[..., h:r]
+    if backward:
+        y1, y2 = x1 * c[..., :h] + x2 * s[..., h:], x2 * c[..., h:] - x1 * s[..., :h]
+    else:
+        y1, y2 = x1 * c[..., :h] - x2 * s[..., :h], x2 * c[..., h:] + x1 * s[..., h:]
+    return torch.cat([y1, y2, xf[..., r:]], -1).to(x.dtype).contiguous()
+
+
 # ---------------------------------------------------------------- fused linear cross-entropy
 def _logits(hidden, weight, bias):
     f = _stat_dtype(hidden)

@@ -57,11 +57,12 @@ def _loss(model, ids, mask):
 @pytest.mark.parametrize("arch", ARCHS + ["gemma"])
 def test_forward_and_gradients_match(arch):
     ref = _model(arch)
-    fused = apply_flashgen(copy.deepcopy(ref), verify=True)
+    fused = apply_flashgen(copy.deepcopy(ref), rope=True, verify=True)
     assert fused.config._attn_implementation == "fg_attention"
     layer = fused.model.layers[0]
     assert "forward" in vars(layer.input_layernorm)
     assert ("forward" in vars(layer.mlp)) == (arch != "gemma")  # Gemma's MLP gate is GELU, left alone
+    assert ("forward" in vars(layer.self_attn)) == (arch not in ("gemma", "phi3"))  # the fused rotary
     ids, mask = _batch()
     loss_ref, logits_ref = _loss(ref, ids, mask)
     loss, logits = _loss(fused, ids, mask)
@@ -77,7 +78,7 @@ def test_forward_and_gradients_match(arch):
 @pytest.mark.parametrize("arch", ARCHS)
 def test_training_loss_curves_match(arch):
     ref = _model(arch)
-    fused = apply_flashgen(copy.deepcopy(ref))
+    fused = apply_flashgen(copy.deepcopy(ref), rope=True)
     # SGD: AdamW's m / sqrt(v) turns a gradient that cancels to ~1e-9 into a full step of either sign, which
     # compares the optimizer's amplification of rounding, not the kernels.
     opts = [torch.optim.SGD(m.parameters(), lr=0.02, momentum=0.9) for m in (ref, fused)]
@@ -233,3 +234,17 @@ def test_works_from_the_repository_root():
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-3000:]
     assert "torch.Size([1, 3, 64])" in out.stdout
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen3"])
+def test_generate_with_cache_equals_unpatched(arch):
+    """Decoding through the KV cache (q_len 1, left padding) with every patch on gives transformers' tokens."""
+    ref = _model(arch).eval()
+    fused = apply_flashgen(copy.deepcopy(ref), rope=True)
+    ids, mask = _batch(2, 6)
+    mask[1, :] = 1
+    mask[-1, :3] = 0  # left padding only, as generation wants
+    kw = dict(attention_mask=mask, max_new_tokens=8, do_sample=False, pad_token_id=0)
+    want = ref.generate(ids, **kw)
+    got = fused.generate(ids, **kw)
+    assert torch.equal(got, want)

@@ -13,8 +13,8 @@ def test_extension_reports_cpu_features():
 def test_every_op_is_declared_with_a_schema():
     """Every flashgen op the dispatcher knows is declared in kernels/ops.py (each `_define` returns its name), with
     a schema, the reference as the fallback for devices without a kernel, a fake impl for torch.compile, the C++
-    kernel for the CPU, and autograd where the design gives it a backward (forward attention and norms, the
-    quantized linears' input gradient)."""
+    kernel for the CPU, and autograd where the design gives it a backward (every *_fwd op, the quantized
+    linears' input gradient, rotary: one op for both directions)."""
     from torch._library.simple_registry import singleton
 
     declared = {v for v in vars(ops).values() if isinstance(v, str) and v.startswith("flashgen::")}
@@ -26,5 +26,5 @@ def test_every_op_is_declared_with_a_schema():
         assert _backend.has_kernel(name, "CompositeExplicitAutograd"), f"{name}: no reference fallback"
         assert singleton.find(qualname).fake_impl.kernel is not None, f"{name}: no fake impl"
         assert _backend.has_kernel(name, "CPU"), f"{name}: no CPU kernel"
-        has_backward = name.endswith("_fwd") or "_linear" in name
+        has_backward = name.endswith("_fwd") or "_linear" in name or name == "rotary"
         assert _backend.has_kernel(name, "Autograd") == has_backward, f"{name}: autograd registration"

@@ -9,14 +9,18 @@ float32, and the more exact of the two in 16-bit. The gated MLPs with a SiLU gat
 Phi-3's fused gate_up_proj) run silu_mul, which saves only its two inputs for the backward. In training, a
 forward given labels computes transformers' causal-LM loss (shifted labels, ignore_index -100, mean, or sum
 over num_items_in_batch) with the fused linear cross-entropy and returns logits=None: the (tokens, vocab)
-logits are never formed. In eval, or without labels, the model's own forward runs.
+logits are never formed. In eval, or without labels, the model's own forward runs. rope: the attention
+modules of Llama, Mistral, Qwen2 and Qwen3 (separate q / k / v projections) run the same steps as
+transformers' forward, with apply_rotary on the (batch, seqlen, heads, head_dim) projections in place of
+rotate_half; Phi-3 and Gemma keep their own.
 """
 import inspect
+import sys
 import types
 
 import torch
 
-from flashgen.kernels import linear_cross_entropy, silu_mul
+from flashgen.kernels import apply_rotary, linear_cross_entropy, silu_mul
 from flashgen.kernels import rms_norm as fused_rms_norm
 
 from ._transformers import require_transformers
@@ -59,6 +63,31 @@ def _mlp_forward(module):
     return None
 
 
+_ROPE_ATTENTION = ("LlamaAttention", "MistralAttention", "Qwen2Attention", "Qwen3Attention")
+
+
+def _rope_attention_forward(self, hidden_states, position_embeddings, attention_mask=None, cache=None, **kwargs):
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+    cache = cache if cache is not None else kwargs.pop("past_key_values", None)
+    shape = (*hidden_states.shape[:-1], -1, self.head_dim)
+    cos, sin = position_embeddings
+    q, k = self.q_proj(hidden_states).view(shape), self.k_proj(hidden_states).view(shape)
+    if hasattr(self, "q_norm"):  # Qwen3
+        q, k = self.q_norm(q), self.k_norm(k)
+    q, k = apply_rotary(q, cos, sin).transpose(1, 2), apply_rotary(k, cos, sin).transpose(1, 2)
+    v = self.v_proj(hidden_states).view(shape).transpose(1, 2)
+    if cache is not None:
+        k, v = cache.update(k, v, self.layer_idx, kwargs=kwargs)
+    eager = sys.modules[type(self).__module__].eager_attention_forward
+    attention = ALL_ATTENTION_FUNCTIONS.get_interface(self.config._attn_implementation, eager)
+    # Qwen2 / Qwen3 keep their window per layer; Mistral reads its config's
+    window = self.sliding_window if hasattr(self, "sliding_window") else getattr(self.config, "sliding_window", None)
+    out, weights = attention(self, q, k, v, attention_mask, dropout=self.attention_dropout if self.training else 0.0,
+                             scaling=self.scaling, sliding_window=window, **kwargs)
+    return self.o_proj(out.reshape(*hidden_states.shape[:-1], -1).contiguous()), weights
+
+
 def _causal_lm_forward(self, *args, **kwargs):
     original = type(self).forward
     arguments = inspect.signature(original).bind(self, *args, **kwargs).arguments
@@ -83,12 +112,14 @@ def _causal_lm_forward(self, *args, **kwargs):
                                   attentions=outputs.attentions)
 
 
-def apply_flashgen(model, attention=True, rms_norm=True, swiglu=True, fused_linear_cross_entropy=True,
+def apply_flashgen(model, attention=True, rms_norm=True, swiglu=True, rope=False, fused_linear_cross_entropy=True,
                    verify=False):
     """Patch `model` (a transformers PreTrainedModel) in place; returns it.
 
     attention: attn_implementation "fg_attention" (integrations/hf_attention.py). rms_norm: every RMSNorm
-    module runs the fused kernel. swiglu: every gated SiLU MLP runs silu_mul. fused_linear_cross_entropy: the
+    module runs the fused kernel. swiglu: every gated SiLU MLP runs silu_mul. rope: the rotary embedding of the
+    attention modules runs apply_rotary (see the module docstring; off by default: on this CPU its scalar
+    kernel made a training step 15% slower than rotate_half, bench_train.py). fused_linear_cross_entropy: the
     training loss without logits (see the module docstring). verify: check each patched part
     against the original on a small random input now (a mismatch undoes the patch and raises). The model's
     other modules are left as they are.
@@ -105,6 +136,8 @@ def apply_flashgen(model, attention=True, rms_norm=True, swiglu=True, fused_line
             forwards.append((name, module, _rms_forward))
         elif swiglu and (fn := _mlp_forward(module)) is not None:
             forwards.append((name, module, fn))
+        elif rope and type(module).__name__ in _ROPE_ATTENTION:
+            forwards.append((name, module, _rope_attention_forward))
     if fused_linear_cross_entropy:
         if not isinstance(getattr(model, "lm_head", None), torch.nn.Linear) or not hasattr(model, "model"):
             raise ValueError(f"fused_linear_cross_entropy needs a causal LM with lm_head and model (got "
@@ -112,7 +145,7 @@ def apply_flashgen(model, attention=True, rms_norm=True, swiglu=True, fused_line
         forwards.append(("", model, _causal_lm_forward))
     if verify:
         for name, module, fn in forwards:
-            if module is not model:  # the loss is checked with the whole model below
+            if module is not model and fn is not _rope_attention_forward:  # checked with the whole model below
                 _verify_module(name, module, fn)
     reference = _sample_logits(model) if verify else None
     patched = {"attention": None, "modules": [m for _, m, _ in forwards]}

@@ -1,5 +1,5 @@
-"""silu_mul and the fused linear cross-entropy on a real GPU (the Triton kernels registered for CUDA) against
-the float64 reference, by the eager-error rule of the CPU tests."""
+"""silu_mul, the fused linear cross-entropy and rotary on a real GPU (the Triton kernels registered for CUDA)
+against the float64 reference, by the eager-error rule of the CPU tests."""
 import pytest
 import torch
 import torch.nn.functional as F
@@ -50,3 +50,22 @@ def test_linear_cross_entropy(dtype):
     _close(loss, ref, low, 1e-6)
     _close(dh, dh64, dh_lp, floor)
     _close(dw, dw64, dw_lp, floor)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_rotary(dtype):
+    from flashgen.kernels import apply_rotary, reference
+
+    x = torch.randn(2, 97, 5, 96, device=DEVICE).to(dtype).requires_grad_()
+    pos = torch.arange(97, device=DEVICE, dtype=torch.float64)[None, :, None]
+    emb = pos * 10000.0 ** (-torch.arange(0, 64, 2, device=DEVICE, dtype=torch.float64) / 64)
+    emb = torch.cat([emb, emb], -1)
+    cos, sin = emb.cos().to(dtype), emb.sin().to(dtype)
+    dy = torch.randn_like(x)
+    y = apply_rotary(x, cos, sin)
+    dx, = torch.autograd.grad(y, x, dy)
+    floor = torch.finfo(dtype).eps
+    y64 = reference.rotary(x.detach().double(), cos.double(), sin.double(), False)
+    dx64 = reference.rotary(dy.double(), cos.double(), sin.double(), True)
+    _close(y, y64, reference.rotary(x.detach(), cos, sin, False), floor)
+    _close(dx, dx64, reference.rotary(dy, cos, sin, True), floor)
