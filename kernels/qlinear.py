@@ -53,33 +53,83 @@ def ggml_linear(x, qweight, bias=None):
     return w.format.linear(x, w, bias, w.format.name)
 
 
+_QUANT_BUFFERS = ("qweight", "scales", "offsets")
+
+
+class _ExactLinear(torch.autograd.Function):
+    """y = x W^T + bias with W dequantized to x's dtype (exact for float32 and float64 x), and dx = dy W with the
+    same W: forward and backward agree, as training needs. W is dequantized again in the backward rather than
+    saved, so a step holds the codes and one layer's float W at a time (QLoRA's memory)."""
+
+    @staticmethod
+    def forward(ctx, x, bias, qweight):
+        ctx.qweight, ctx.bias_dtype = qweight, None if bias is None else bias.dtype
+        return nn.functional.linear(x, qweight.dequantize(x.dtype), None if bias is None else bias.to(x.dtype))
+
+    @staticmethod
+    def backward(ctx, dy):
+        dx = dy @ ctx.qweight.dequantize(dy.dtype) if ctx.needs_input_grad[0] else None
+        dbias = dy.reshape(-1, dy.shape[-1]).sum(0).to(ctx.bias_dtype) if ctx.needs_input_grad[1] else None
+        return dx, dbias, None
+
+
 class _FrozenQuantized(nn.Module):
-    """A module over a frozen QuantizedWeight `self.weight`: `.to(device)` moves it; dtype conversions leave the
-    codes and scales alone."""
+    """A module over a frozen QuantizedWeight `self.weight`, whose canonical tensors are the module's buffers
+    `qweight`, `scales`, `offsets` (so `.to`, accelerate and PEFT see them; not persistent: the state dict
+    keeps the self-describing `weight.*` form of QuantizedWeight.state_dict).
+
+    `.to(device)` moves them; dtype conversions leave them alone (a `.half()` must not round float32 scales).
+    Assigning `weight` sets the buffers; replacing a buffer (a device move) rebuilds `weight` from them, so its
+    prepacked layout is rebuilt on the new device on first use.
+    """
+
+    @property
+    def weight(self):
+        w = self._qweight
+        if any(getattr(w, name) is not self._buffers[name] for name in _QUANT_BUFFERS):
+            w = QuantizedWeight(w.format, *(self._buffers[name] for name in _QUANT_BUFFERS), group_size=w.group_size,
+                                shape=w.shape, dtype=w.dtype)
+            self._qweight = w
+        return w
+
+    @weight.setter
+    def weight(self, w):
+        if not isinstance(w, QuantizedWeight):
+            raise TypeError(f"weight must be a QuantizedWeight, got {type(w).__name__}")
+        self._qweight = w
+        for name in _QUANT_BUFFERS:
+            self.register_buffer(name, getattr(w, name), persistent=False)
 
     def _apply(self, fn, recurse=True):
         # fn converts a tensor (device and/or dtype); only its device applies to the codes and scales.
-        device = fn(torch.empty(0, device=self.weight.device)).device
-        if device != self.weight.device:
-            self.weight = self.weight.to(device)
-        return super()._apply(fn, recurse)
+        device = fn(torch.empty(0, device=self.qweight.device)).device
+        frozen = {name: self._buffers.pop(name) for name in _QUANT_BUFFERS}
+        try:
+            super()._apply(fn, recurse)
+        finally:
+            self._buffers.update({name: None if t is None else t.to(device) for name, t in frozen.items()})
+        return self
 
 
 class QuantizedLinear(_FrozenQuantized):
     """Drop-in for nn.Linear over a frozen QuantizedWeight. mode: one of the weight format's modes: "int4";
     "int8" or "int8_dynamic" (W8A8); a GGML block type's name.
 
+    exact=False runs the mode's kernel (on the CPU, activations rounded to int8 per block; the backward is the
+    float dy W). exact=True computes in float with the dequantized weight, forward and backward alike: the
+    training mode (QLoRA, flashgen.integrations.qlora), slower, the weight still frozen.
+
     The weight is prepacked for its device on first use; `.to(device)` moves it (dtype conversions leave the
     codes and scales alone and apply to the bias only). The state dict holds the canonical tensors.
     """
 
-    def __init__(self, weight: QuantizedWeight, bias=None, mode=None):
+    def __init__(self, weight: QuantizedWeight, bias=None, mode=None, exact=False):
         super().__init__()
         modes = weight.format.modes
         mode = mode or modes[0]
         if mode not in modes:
             raise ValueError(f"mode {mode!r} does not fit a {weight.format.name} weight (one of {modes})")
-        self.weight, self.mode = weight, mode
+        self.weight, self.mode, self.exact = weight, mode, exact
         self.in_features, self.out_features = weight.in_features, weight.out_features
         self.bias = nn.Parameter(bias.detach().clone(), requires_grad=False) if bias is not None else None
 
@@ -94,6 +144,8 @@ class QuantizedLinear(_FrozenQuantized):
         return cls(w.to(linear.weight.device), linear.bias, mode)
 
     def forward(self, x):
+        if self.exact:
+            return _ExactLinear.apply(x, self.bias, self.weight)
         return self.weight.format.linear(x, self.weight, self.bias, self.mode)
 
     def _save_to_state_dict(self, destination, prefix, keep_vars):
@@ -113,7 +165,7 @@ class QuantizedLinear(_FrozenQuantized):
 
     def extra_repr(self):
         return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
-                f"mode={self.mode}, group_size={self.weight.group_size}")
+                f"mode={self.mode}, group_size={self.weight.group_size}, exact={self.exact}")
 
 
 class QuantizedEmbedding(_FrozenQuantized):
