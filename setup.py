@@ -94,8 +94,8 @@ setup(
     install_requires=["torch>=2.6", "numpy", "safetensors", "gguf>=0.10", "tokenizers", "jinja2", "tqdm", "psutil"],
     extras_require={
         "serve": SERVE_REQUIRES,
-        "test": ["pytest", "pytest-benchmark", "transformers", "accelerate", "peft", "sentencepiece", "openai", "jsonschema",
-                 *SERVE_REQUIRES],
+        "test": ["pytest", "pytest-benchmark", "transformers", "accelerate", "peft", "sentencepiece", "openai",
+                 "jsonschema", *SERVE_REQUIRES],
     },
     entry_points={"console_scripts": ["flashgen = flashgen.engine.cli:main"]},
 )

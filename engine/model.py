@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from flashgen.kernels import flash_attn_func, flash_attn_varlen_with_kvcache
+from flashgen.kernels._backend import active_backend
 from flashgen.kernels.norm import layer_norm, rms_norm
 
 from . import cpu_decoder
@@ -167,7 +168,7 @@ class Transformer(nn.Module):
     forward.
 
     On the CPU, `forward_packed` (and so prefill and decode) runs the C++ forward of engine/cpu_decoder.py when
-    the model fits it (cpp_step = False forces the Python layers). It is built on first use after setup_cache,
+    the model fits it (cpp_step = False, or a flashgen.kernels.use_backend block, forces the Python layers). It is built on first use after setup_cache,
     over the weights present then: call setup_cache again after replacing layers.
     """
 
@@ -315,7 +316,7 @@ class Transformer(nn.Module):
 
     def _cpp(self, tokens):
         """The C++ forward (engine/cpu_decoder.py) if it applies to this model and these (CPU) tokens, else None."""
-        if not (self.cpp_step and tokens.is_cpu):
+        if not (self.cpp_step and tokens.is_cpu) or active_backend():
             return None
         if self._cpp_step is None:
             self._cpp_step = cpu_decoder.build(self) or False

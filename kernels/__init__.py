@@ -6,6 +6,7 @@ if __name__ == "flashgen.kernels":
     import torch
 
     from . import _backend, ops  # noqa: F401  (loads the extensions and declares the ops)
+    from ._backend import use_backend  # noqa: F401
     from .norm import FusedLayerNorm, FusedRMSNorm, layer_norm, rms_norm  # noqa: F401
     from .activation import silu_mul  # noqa: F401
     from .cross_entropy import linear_cross_entropy  # noqa: F401

@@ -12,6 +12,7 @@ import torch
 from . import reference
 
 lib = torch.library.Library("flashgen", "DEF")
+REFERENCE = {}  # op name -> its reference (the fallback kernel)
 
 
 def _define(schema, fallback):
@@ -19,6 +20,7 @@ def _define(schema, fallback):
     name = schema.split("(")[0]
     lib.define(schema)
     lib.impl(name, fallback, "CompositeExplicitAutograd")
+    REFERENCE[name] = fallback
     return f"flashgen::{name}"
 
 

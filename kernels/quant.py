@@ -28,7 +28,7 @@ import json
 import numpy as np
 import torch
 
-from . import ggml, reference
+from . import _backend, ggml, reference
 
 INT4_GROUP_SIZES = (32, 64, 128)
 INT8_BLOCK_SIZES = (None, 32)
@@ -217,7 +217,7 @@ class QuantizedWeight:
         self.qweight, self.scales, self.offsets = qweight, scales, offsets
         self.group_size, self.shape, self.dtype = group_size, shape, dtype
         self.format.check(self)
-        self._packed = None
+        self._packed = {}
 
     @property
     def out_features(self):
@@ -241,10 +241,12 @@ class QuantizedWeight:
         return self.format.dequantize(self, dtype or self.dtype)
 
     def packed(self):
-        """The tensors prepacked for this weight's device (the format's prepack op), built once and cached."""
-        if self._packed is None:
-            self._packed = self.format.prepack(self)
-        return self._packed
+        """The tensors prepacked for this weight's device and the active backend (the format's prepack op),
+        built once and cached."""
+        backend = _backend.active_backend()
+        if backend not in self._packed:
+            self._packed[backend] = self.format.prepack(self)
+        return self._packed[backend]
 
     def rows(self, index):
         """The weight of output rows `index` (every canonical tensor is one row per output feature)."""

@@ -65,9 +65,7 @@ def silu_mul_bwd(dy, gate, up):
     return dgate, dup
 
 
-def register():
-    torch.library.register_kernel("flashgen::silu_mul_fwd", "cuda", silu_mul_fwd)
-    torch.library.register_kernel("flashgen::silu_mul_bwd", "cuda", silu_mul_bwd)
+KERNELS = {"silu_mul_fwd": silu_mul_fwd, "silu_mul_bwd": silu_mul_bwd}
 
 
 def aot_specs():

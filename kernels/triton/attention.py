@@ -686,11 +686,7 @@ def flash_attn_varlen_kvcache(q, k_cache, v_cache, k, v, cu_seqlens_q, cache_seq
 
 
 # ------------------------------------------------------------------------------------------------ hooks
-def register():
-    for name, fn in (("flash_attn_fwd", flash_attn_fwd), ("flash_attn_bwd", flash_attn_bwd),
-                     ("flash_attn_kvcache", flash_attn_kvcache),
-                     ("flash_attn_varlen_kvcache", flash_attn_varlen_kvcache)):
-        torch.library.register_kernel(f"flashgen::{name}", "cuda", fn)
+KERNELS = {fn.__name__: fn for fn in (flash_attn_fwd, flash_attn_bwd, flash_attn_kvcache, flash_attn_varlen_kvcache)}
 
 
 _FLOAT_ARGS = {"scale", "softcap"}

@@ -225,10 +225,7 @@ def layer_norm_bwd(dy, dh, h, weight, mean, rstd, has_bias):
     return _bwd(dy, dh, h, weight, mean, rstd, False, 0.0, has_bias)
 
 
-def register():
-    for name, fn in (("rms_norm_fwd", rms_norm_fwd), ("rms_norm_bwd", rms_norm_bwd),
-                     ("layer_norm_fwd", layer_norm_fwd), ("layer_norm_bwd", layer_norm_bwd)):
-        torch.library.register_kernel(f"flashgen::{name}", "cuda", fn)
+KERNELS = {fn.__name__: fn for fn in (rms_norm_fwd, rms_norm_bwd, layer_norm_fwd, layer_norm_bwd)}
 
 
 def aot_specs():

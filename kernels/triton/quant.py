@@ -463,12 +463,8 @@ def int8_dequantize(qweight, scales, out_features, in_features, dtype):
     return _dequantize(qweight, scales, None, out_features, in_features, False, g, dtype)
 
 
-OPS = (int4_prepack, int4_linear, int4_dequantize, int8_prepack, int8_linear, int8_linear_dynamic, int8_dequantize)
-
-
-def register():
-    for fn in OPS:
-        torch.library.register_kernel(f"flashgen::{fn.__name__}", "cuda", fn)
+KERNELS = {fn.__name__: fn for fn in (int4_prepack, int4_linear, int4_dequantize, int8_prepack, int8_linear,
+                                      int8_linear_dynamic, int8_dequantize)}
 
 
 # ---------------------------------------------------------------- static check (benchmarks/gpu_static.py)

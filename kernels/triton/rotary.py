@@ -59,8 +59,7 @@ def rotary(x, cos, sin, backward):
     return y
 
 
-def register():
-    torch.library.register_kernel("flashgen::rotary", "cuda", rotary)
+KERNELS = {"rotary": rotary}
 
 
 def aot_specs():
