@@ -22,6 +22,7 @@ import psutil
 import torch
 
 from .block_manager import BlockManager
+from .cuda_graphs import DecodeGraphs
 from .kv_cache import KVCache, blocks_for
 from .model_runner import ModelRunner
 from .scheduler import Scheduler
@@ -49,10 +50,12 @@ class StepOutput:
 class Engine:
     """model: a Transformer (engine/model.py) with its cache set up (max_seq_len: the context per sequence).
     KV memory: num_blocks blocks, or kv_cache_memory GiB, or by default enough for max_num_seqs full-length
-    sequences within DEFAULT_KV_SHARE of the available memory."""
+    sequences within DEFAULT_KV_SHARE of the available memory. cuda_graphs (default: on a CUDA device): decode
+    steps replay CUDA graphs (engine/cuda_graphs.py; off a GPU the same static-buffer step runs uncaptured)."""
 
     def __init__(self, model, tokenizer, eos_token_ids=(), device="cpu", max_num_seqs=16,
-                 max_num_batched_tokens=512, kv_cache_memory=None, num_blocks=None, prefix_caching=True):
+                 max_num_batched_tokens=512, kv_cache_memory=None, num_blocks=None, prefix_caching=True,
+                 cuda_graphs=None):
         self.model, self.tokenizer, self.device = model, tokenizer, torch.device(device)
         self.eos_token_ids = set(eos_token_ids)
         c, cache = model.config, model.cache
@@ -70,12 +73,17 @@ class Engine:
         if num_blocks < per_seq:
             raise ValueError(f"the KV cache must hold at least one sequence of max_seq_len {self.max_seq_len}: "
                              f"{per_seq} blocks ({per_seq * per_block / 2**30:.3f} GiB), got {num_blocks}")
-        model.setup_cache(1, self.max_seq_len, dtype, num_blocks=num_blocks)
+        if cuda_graphs is None:
+            cuda_graphs = self.device.type == "cuda"
+        # With graphs, one more block: the scratch block of the padding rows, never handed out.
+        model.setup_cache(1, self.max_seq_len, dtype, num_blocks=num_blocks + bool(cuda_graphs))
         log.info("KV cache: %d blocks of %d tokens, %.2f GiB", num_blocks, block_size,
                  num_blocks * per_block / 2 ** 30)
         self.blocks = BlockManager(num_blocks, block_size, prefix_caching)
         self.scheduler = Scheduler(self.blocks, max_num_seqs, max_num_batched_tokens)
-        self.runner = ModelRunner(model, device)
+        graphs = DecodeGraphs(model, max_num_seqs, num_blocks, capture=self.device.type == "cuda") \
+            if cuda_graphs else None
+        self.runner = ModelRunner(model, device, graphs)
         self.requests = {}  # request id -> its sequences
         self._ids = itertools.count()
         self.num_prompt_tokens = self.num_generated_tokens = 0

@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from flashgen.kernels import flash_attn_func, flash_attn_varlen_with_kvcache
+from flashgen.kernels import flash_attn_func, flash_attn_varlen_with_kvcache, flash_attn_with_kvcache
 from flashgen.kernels._backend import active_backend
 from flashgen.kernels.norm import layer_norm, rms_norm
 
@@ -105,7 +105,8 @@ class Attention(nn.Module):
         self.window = (c.sliding_window - 1, 0) if c.sliding_window else (-1, -1)
 
     def forward(self, x, rope, cache=None, packed=None):
-        """x (B, T, hidden); with a cache, B = 1 and `packed` = (cu_seqlens_q, cache_seqlens, block_table)."""
+        """x (B, T, hidden); with a cache `packed` = (cu_seqlens_q, cache_seqlens, block_table): B = 1 (packed
+        sequences), or cu_seqlens_q None and T = 1 (one new token per sequence)."""
         b, t, _ = x.shape
         c = self.c
         q, k, v = self.wqkv(x).split([c.q_size, c.kv_size, c.kv_size], dim=-1)
@@ -124,10 +125,15 @@ class Attention(nn.Module):
             # A cache narrower than the model (kv_cache_dtype) takes q, k, v in its own dtype, as the op needs.
             dt = cache[0].dtype
             cu_seqlens_q, cache_seqlens, block_table = packed
-            o = flash_attn_varlen_with_kvcache(q[0].to(dt), cache[0], cache[1], k[0].to(dt), v[0].to(dt),
-                                               cu_seqlens_q=cu_seqlens_q, cache_seqlens=cache_seqlens,
-                                               block_table=block_table, causal=True,
-                                               window_size=self.window).to(x.dtype)
+            if cu_seqlens_q is None:  # one token per sequence (B, 1): the decode op, no host sync
+                o = flash_attn_with_kvcache(q.to(dt), cache[0], cache[1], k.to(dt), v.to(dt),
+                                            cache_seqlens=cache_seqlens, block_table=block_table, causal=True,
+                                            window_size=self.window)
+            else:
+                o = flash_attn_varlen_with_kvcache(q[0].to(dt), cache[0], cache[1], k[0].to(dt), v[0].to(dt),
+                                                   cu_seqlens_q=cu_seqlens_q, cache_seqlens=cache_seqlens,
+                                                   block_table=block_table, causal=True, window_size=self.window)
+            o = o.to(x.dtype)
         return self.wo(o.reshape(b, t, c.q_size))
 
 
@@ -168,8 +174,9 @@ class Transformer(nn.Module):
     forward.
 
     On the CPU, `forward_packed` (and so prefill and decode) runs the C++ forward of engine/cpu_decoder.py when
-    the model fits it (cpp_step = False, or a flashgen.kernels.use_backend block, forces the Python layers). It is built on first use after setup_cache,
-    over the weights present then: call setup_cache again after replacing layers.
+    the model fits it (cpp_step = False, or a flashgen.kernels.use_backend block, forces the Python layers). It
+    is built on first use after setup_cache, over the weights present then: call setup_cache again after
+    replacing layers.
     """
 
     cpp_step = True
@@ -265,6 +272,19 @@ class Transformer(nn.Module):
         for i, layer in enumerate(self.layers):
             h, residual = layer(h, residual, rope, self.cache.layer(i), packed)
         return self._logits(h[:, logit_rows], residual[:, logit_rows]).squeeze(0)
+
+    @torch.inference_mode()
+    def forward_decode(self, tokens, cache_seqlens, block_table):
+        """One new token per sequence: tokens int64 (B,) at positions cache_seqlens (int32 (B,)) of the
+        sequences' blocks block_table (int32 (B, max_blocks)) -> logits float32 (B, V). Its k, v are written to
+        the cache; cache_seqlens is not advanced. No host sync and no shape that depends on values: a CUDA graph
+        captures it (engine/cuda_graphs.py). Always the Python layers."""
+        self._need_cache()
+        h, rope = self._embed(tokens.unsqueeze(1), cache_seqlens.long().unsqueeze(1))
+        residual, packed = None, (None, cache_seqlens, block_table)
+        for i, layer in enumerate(self.layers):
+            h, residual = layer(h, residual, rope, self.cache.layer(i), packed)
+        return self._logits(h[:, 0], residual[:, 0])
 
     @torch.inference_mode()
     def prefill(self, input_ids, lengths, append=False):

@@ -68,8 +68,10 @@ def _options(q, softmax_scale, causal, window_size, softcap):
 
 
 def _eager():
-    """Value checks that read tensor contents (host sync) run only outside torch.compile tracing."""
-    return not torch.compiler.is_compiling()
+    """Value checks that read tensor contents (host sync) run only outside torch.compile tracing and CUDA graph
+    capture."""
+    capturing = torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
+    return not (torch.compiler.is_compiling() or capturing)
 
 
 def flash_attn_func(q, k, v, *, causal=False, softmax_scale=None, window_size=(-1, -1), softcap=0.0,

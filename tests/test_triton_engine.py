@@ -9,6 +9,7 @@ import collections
 
 import pytest
 import torch
+from greedy_checks import assert_same_greedy
 from test_gguf_kquants import kquant_file  # noqa: F401  (a fixture: a tiny GGUF of K-quants, Q5_x and IQ4)
 from tiny_models import ARCHITECTURES, tiny_models  # noqa: F401  (a fixture)
 
@@ -38,17 +39,6 @@ def triton_calls(monkeypatch):
 
 def _greedy(llm):
     return llm.generate(PROMPTS, max_new_tokens=STEPS, temperature=0, ignore_eos=True, logprobs=2)
-
-
-def assert_same_greedy(want, got):
-    """Equal greedy tokens; where float32 sums in another order break a near tie (both candidates within 1e-4 in
-    the reference's log-probabilities), the sequences may part there."""
-    for w, g in zip(want, got, strict=True):
-        for i, (a, b) in enumerate(zip(w.token_ids, g.token_ids, strict=True)):
-            if a != b:
-                top = w.top_logprobs[i]
-                assert b in top and abs(top[a] - top[b]) < 1e-4, f"token {i}: {a} vs {b} is no near tie ({top})"
-                break
 
 
 def _exact(model):
