@@ -7,7 +7,7 @@ PROMPT ?= Explain in two sentences why the sky is blue.
 # Stamp of the last in-place build of the extensions; the editable install's own build counts as one.
 BUILT := build/.flashgen-built
 
-.PHONY: setup build generate test bench bench-llamacpp clean
+.PHONY: setup build generate test bench bench-llamacpp gpu-check clean
 setup: $(VENV)/.installed
 
 $(VENV)/.installed:
@@ -50,6 +50,13 @@ $(LLAMACPP): | setup
 bench-llamacpp: build $(LLAMACPP)
 	$(PY) benchmarks/gguf_models.py --cache $(BENCH_CACHE)
 	$(PY) benchmarks/bench_gguf.py --cache $(BENCH_CACHE) $(BENCH_ARGS)
+
+# On a machine with an NVIDIA GPU: the CUDA extension built (required), tests/gpu, every kernel against its roofline
+# and the engine's decode with and without CUDA graphs; results in $(GPU_CHECK_OUT). Exit 1 if any check fails.
+GPU_CHECK_OUT ?= gpu-check-results.json
+gpu-check: setup
+	FLASHGEN_BUILD_CUDA=1 flock /tmp/flashgen-build.lock $(PY) setup.py -q build_ext --inplace && touch $(BUILT)
+	$(PY) benchmarks/gpu_check.py --out $(GPU_CHECK_OUT)
 
 clean:
 	rm -rf build flashgen/*.so

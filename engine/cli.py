@@ -51,6 +51,8 @@ def _add_model_options(p):
     p.add_argument("--kv-cache-dtype", choices=["float32", "bfloat16", "float16"],
                    help="KV cache dtype (default: --dtype's); 16-bit halves the cache")
     p.add_argument("--threads", "-t", type=_positive_int, help="CPU threads (default: torch's)")
+    p.add_argument("--no-cuda-graphs", dest="cuda_graphs", action="store_false",
+                   help="on a GPU, launch every decode kernel eagerly instead of replaying CUDA graphs")
     p.add_argument("--verbose", "-v", action="store_true", help="log progress; show tracebacks")
 
 
@@ -125,7 +127,8 @@ def _load(args, max_seq_len=None, **engine_options):
     from .llm import LLM
 
     return LLM(args.model, device=args.device, dtype=args.dtype, quant=args.quant,
-               max_seq_len=max_seq_len or args.max_seq_len, kv_cache_dtype=args.kv_cache_dtype, **engine_options)
+               max_seq_len=max_seq_len or args.max_seq_len, kv_cache_dtype=args.kv_cache_dtype,
+               cuda_graphs=None if args.cuda_graphs else False, **engine_options)
 
 
 def _stats_line(stats):
