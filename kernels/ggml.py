@@ -24,6 +24,7 @@ class BlockType:
     block_bytes: int
     dequantize: Callable  # uint8 (B, block_bytes) -> float32 (B, block)
     cpu_kernel: bool  # csrc/cpu/ggml.h computes it natively (else a CPU model dequantizes it at load)
+    gpu_kernel: bool = False  # kernels/triton/ggml.py computes it natively (else a GPU model dequantizes it at load)
 
     def row_bytes(self, k):
         return k // self.block * self.block_bytes
@@ -79,9 +80,14 @@ def _k_quant(b, q, sc, mn, sub):
     return _per(d * sc, sub) * q.to(torch.float32) - _per(dmin * mn, sub)
 
 
-def _q4_k(b):  # d, dmin, scales[12], qs[128]: 64 values per 32 bytes, low nibbles then high
+def q4_k_codes(b):
+    """Q4_K blocks (B, 144) -> codes int64 (B, 256) in [0, 15] and sub-block scales, mins float32 (B, 8)."""
     sc, mn = _scale_min_k4(b[:, 4:16])
-    q = torch.cat([_nibbles(b[:, 16 + 32 * i:48 + 32 * i]) for i in range(4)], 1)
+    return torch.cat([_nibbles(b[:, 16 + 32 * i:48 + 32 * i]) for i in range(4)], 1), sc, mn
+
+
+def _q4_k(b):  # d, dmin, scales[12], qs[128]: 64 values per 32 bytes, low nibbles then high
+    q, sc, mn = q4_k_codes(b)
     return _k_quant(b, q, sc, mn, 32)
 
 
@@ -116,7 +122,8 @@ def _q3_k(b):  # hmask[32], qs[64], scales[12] (16 6-bit scales), d: w = d (sc -
     return _per(_f16(b, 108) * (sc - 32).to(torch.float32), 16) * q.to(torch.float32)
 
 
-def _q6_k(b):  # ql[128], qh[64], scales int8[16], d: w = d sc_j (q - 32), sub-blocks of 16
+def q6_k_codes(b):
+    """Q6_K blocks (B, 210) -> codes int64 (B, 256) in [0, 63] (the value is code - 32)."""
     ql, qh = b[:, 0:128].to(torch.int64), b[:, 128:192].to(torch.int64)
     parts = []
     for n in range(2):
@@ -124,9 +131,12 @@ def _q6_k(b):  # ql[128], qh[64], scales int8[16], d: w = d sc_j (q - 32), sub-b
         for t in range(4):
             nib = (lo[:, 32 * (t % 2):32 * (t % 2) + 32] >> (4 * (t // 2))) & 0xF
             parts.append(nib | (((hi >> (2 * t)) & 3) << 4))
-    q = torch.cat(parts, 1) - 32
+    return torch.cat(parts, 1)
+
+
+def _q6_k(b):  # ql[128], qh[64], scales int8[16], d: w = d sc_j (q - 32), sub-blocks of 16
     sc = b[:, 192:208].contiguous().view(torch.int8).to(torch.float32)
-    return _per(_f16(b, 208) * sc, 16) * q.to(torch.float32)
+    return _per(_f16(b, 208) * sc, 16) * (q6_k_codes(b) - 32).to(torch.float32)
 
 
 IQ4_VALUES = (-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113)  # kvalues_iq4nl
@@ -154,9 +164,9 @@ BLOCK_TYPES = {t.name: t for t in (
     BlockType("Q5_1", 7, 32, 24, _q5_1, True),
     BlockType("Q2_K", 10, 256, 84, _q2_k, True),
     BlockType("Q3_K", 11, 256, 110, _q3_k, True),
-    BlockType("Q4_K", 12, 256, 144, _q4_k, True),
+    BlockType("Q4_K", 12, 256, 144, _q4_k, True, gpu_kernel=True),
     BlockType("Q5_K", 13, 256, 176, _q5_k, True),
-    BlockType("Q6_K", 14, 256, 210, _q6_k, True),
+    BlockType("Q6_K", 14, 256, 210, _q6_k, True, gpu_kernel=True),
     BlockType("IQ4_NL", 20, 32, 18, _iq4_nl, True),
     BlockType("IQ4_XS", 23, 256, 136, _iq4_xs, True),
 )}
@@ -170,6 +180,13 @@ def block_type(name_or_id):
     if found is None:
         raise ValueError(f"ggml_type must be one of {sorted(BLOCK_TYPES)} (or their type ids), got {name_or_id!r}")
     return found
+
+
+def cuda_row_bytes(type_id, k):
+    """Bytes of one row of K values in the CUDA layout of ggml_prepack (kernels/triton/ggml.py): Q4_K 148 per
+    super-block (its scales unpacked to bytes), Q6_K its own 210, other types their file blocks."""
+    t = block_type(type_id)
+    return {"Q4_K": 148 * k // 256, "Q6_K": 210 * k // 256}.get(t.name, t.row_bytes(k))
 
 
 def dequantize_rows(blocks, type_id, in_features):

@@ -372,6 +372,12 @@ def _cpu_ggml_packed_shapes(blocks, ggml_type, in_features):
     t = ggml.block_type(ggml_type)
     return [((_cpu_tiles(blocks.shape[0]), in_features // t.block, _backend.C.ggml_tile_bytes(t.type_id)), torch.uint8)]
 
+def _cuda_ggml_packed_shapes(blocks, ggml_type, in_features):
+    from . import ggml
+
+    return [((blocks.shape[0], ggml.cuda_row_bytes(ggml_type, in_features)), torch.uint8)]
+
+
 def _cuda_packed_shapes(qweight, *params):
     # kernels/triton/quant.py: the canonical tensors, with float32 scales (and offsets).
     return [(qweight.shape, qweight.dtype)] + [(p.shape, torch.float32) for p in params if isinstance(p, torch.Tensor)]
@@ -383,6 +389,7 @@ PACKED_SHAPES = {
     (GGML_PREPACK, "cpu"): _cpu_ggml_packed_shapes,
     (INT4_PREPACK, "cuda"): _cuda_packed_shapes,
     (INT8_PREPACK, "cuda"): _cuda_packed_shapes,
+    (GGML_PREPACK, "cuda"): _cuda_ggml_packed_shapes,
 }
 
 

@@ -79,7 +79,7 @@ def test_gguf_block_types_greedy_equal_the_cpu_engine(kquant_file, triton_calls)
         got = _greedy(llm)
     _exact(llm.model)
     assert_same_greedy(_greedy(llm), got)
-    assert triton_calls["flash_attn_varlen_kvcache"]
+    assert triton_calls["flash_attn_varlen_kvcache"] and triton_calls["ggml_linear"] and triton_calls["ggml_prepack"]
 
 
 def test_backend_prepacks_apart_and_names_are_checked():

@@ -271,10 +271,13 @@ def test_prepack_turns_float16_scales_into_float32():
 
 
 def test_wrappers_match_op_schemas():
-    """register() makes each wrapper the CUDA kernel of the op of its name: same arguments, same order."""
-    for fn in tq.OPS:
-        schema = getattr(torch.ops.flashgen, fn.__name__).default._schema
-        assert [a.name for a in schema.arguments] == list(inspect.signature(fn).parameters), fn.__name__
+    """register() makes each family's wrapper the CUDA kernel of the op of its name: same arguments, same order."""
+    from flashgen.kernels.triton import kernels
+
+    assert set(tq.KERNELS) <= set(kernels())
+    for name, fn in kernels().items():
+        schema = getattr(torch.ops.flashgen, name).default._schema
+        assert [a.name for a in schema.arguments] == list(inspect.signature(fn).parameters), name
 
 
 @pytest.mark.parametrize("case, message", [

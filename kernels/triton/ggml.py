@@ -1,0 +1,260 @@
+"""Triton kernels of the GGML K-quant linears Q4_K and Q6_K (the types of a Q4_K_M file), dequantizing in
+registers; every other GGML type runs its reference (dequantize, then matmul) on the GPU.
+
+CUDA layout (what ggml_prepack returns on CUDA), one uint8 row of R bytes per output row n, K = 256 S:
+- Q4_K: codes q (K/2 bytes, byte j = q[2j] | q[2j + 1] << 4 as int4's), sub-block scales sc (K/32 bytes),
+  mins mn (K/32), then the float16 d and dmin of each super-block (2S bytes each): 148 S bytes, 2.8% above the
+  file's 144 S. w[k] = (d sc_j) q[k] - (dmin mn_j), j = k / 32.
+- Q6_K: the low 4 bits of the codes (K/2 bytes, as above), their high 2 bits (K/4 bytes, bits 2t..2t+1 of byte
+  j for k = 4j + t), int8 sub-block scales (K/16), float16 d (2S): 210 S bytes, the file's size.
+  w[k] = (d sc_j) (q[k] - 32), j = k / 16.
+The products are those of kernels/ggml.py in the same order (d sc is exact in float32), so the dequantized
+values are the file's bit for bit. The GEMM is quant.py's: (BLOCK_M, BLOCK_N) tiles, tl.dot in x's dtype with
+float32 accumulation, split-K for M <= 16; BLOCK_K divides 256, so a tile lies in one super-block.
+"""
+import torch
+import triton
+import triton.language as tl
+
+from .. import ggml, reference
+from .quant import (FP32_GEMM_CONFIGS, GEMM_CONFIGS, SMALL_M, _check_x, _dot_precision, _interpreting, _require,
+                    _rows, _split_k, _splitk_reduce_kernel, _weight_codes, small_m_config)
+
+Q4_K, Q6_K = ggml.BLOCK_TYPES["Q4_K"].type_id, ggml.BLOCK_TYPES["Q6_K"].type_id
+NATIVE = tuple(t.type_id for t in ggml.BLOCK_TYPES.values() if t.gpu_kernel)
+
+
+
+# ---------------------------------------------------------------- kernels
+@triton.jit
+def _half(ptr, mask):
+    """The little-endian float16 at byte pointers ptr, as float32."""
+    lo = tl.load(ptr, mask=mask, other=0).to(tl.uint16)
+    hi = tl.load(ptr + 1, mask=mask, other=0).to(tl.uint16)
+    return (lo | (hi << 8)).to(tl.float16, bitcast=True).to(tl.float32)
+
+
+@triton.jit
+def _per_sub(values, scale, offset, SUB: tl.constexpr):
+    """values (BLOCK_N, BLOCK_K) float32 times scale (BLOCK_N, BLOCK_K / SUB), one per sub-block of SUB
+    columns, minus offset (the same shape) when given."""
+    v = tl.reshape(values, (values.shape[0], values.shape[1] // SUB, SUB)) * scale[:, :, None]
+    if offset is not None:
+        v = v - offset[:, :, None]
+    return tl.reshape(v, (values.shape[0], values.shape[1]))
+
+
+@triton.jit
+def _kq_tile(w_ptr, offs_n, k0, N, K, R, TYPE: tl.constexpr, BLOCK_K: tl.constexpr):
+    """float32 weights w[offs_n, k0 : k0 + BLOCK_K] (a tile within one super-block); 0 for rows >= N."""
+    rows = w_ptr + offs_n[:, None].to(tl.int64) * R
+    mask = offs_n[:, None] < N
+    # The low 4 bits: the int4 layout, read through int4's loader with a row stride of R bytes (= 2R codes).
+    q = _weight_codes(w_ptr, offs_n, k0, N, 2 * R, True, BLOCK_K).to(tl.int32)
+    s0 = k0 // 256
+    if TYPE == 12:  # Q4_K
+        subs = (k0 // 32 + tl.arange(0, BLOCK_K // 32))[None, :]
+        sc = tl.load(rows + K // 2 + subs, mask=mask, other=0).to(tl.float32)
+        mn = tl.load(rows + K // 2 + K // 32 + subs, mask=mask, other=0).to(tl.float32)
+        d = _half(rows + K // 2 + K // 16 + 2 * s0, mask)
+        dmin = _half(rows + K // 2 + K // 16 + K // 128 + 2 * s0, mask)
+        return _per_sub(q.to(tl.float32), d * sc, dmin * mn, 32)
+    else:  # Q6_K
+        hb = tl.load(rows + K // 2 + (k0 // 4 + tl.arange(0, BLOCK_K // 4))[None, :], mask=mask, other=0)
+        hb = hb.to(tl.int32)
+        # byte j holds the high bits of columns 4j + t at bits 2t; join + reshape interleaves them back
+        hi = tl.reshape(tl.join(tl.join(hb & 3, (hb >> 4) & 3), tl.join((hb >> 2) & 3, hb >> 6)),
+                        (offs_n.shape[0], BLOCK_K))
+        subs = (k0 // 16 + tl.arange(0, BLOCK_K // 16))[None, :]
+        sc = tl.load(rows + 3 * K // 4 + subs, mask=mask, other=0).to(tl.int8, bitcast=True).to(tl.float32)
+        d = _half(rows + 3 * K // 4 + K // 16 + 2 * s0, mask)
+        return _per_sub(((q | (hi << 4)) - 32).to(tl.float32), d * sc, None, 16)
+
+
+@triton.jit
+def _kq_mm_kernel(x_ptr, w_ptr, bias_ptr, out_ptr, M, N, K, R, stride_xm, K_SPLIT, M_BUCKET,
+                  TYPE: tl.constexpr, HAS_BIAS: tl.constexpr, SPLIT: tl.constexpr, DOT_PRECISION: tl.constexpr,
+                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
+    """out = x @ dequant(w).T (+ bias); SPLIT and the grouped order as quant.py's _qmm_kernel."""
+    tl.static_assert(256 % BLOCK_K == 0, "BLOCK_K must divide the super-block of 256")
+    pid = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    num_m = tl.cdiv(M, BLOCK_M)
+    num_n = tl.cdiv(N, BLOCK_N)
+    width = GROUP_M * num_n
+    first_m = (pid // width) * GROUP_M
+    size_m = tl.minimum(num_m - first_m, GROUP_M)
+    pid_m = first_m + (pid % width) % size_m
+    pid_n = (pid % width) // size_m
+
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    x_rows = x_ptr + offs_m[:, None].to(tl.int64) * stride_xm
+    k_lo = pid_k * K_SPLIT
+    k_hi = tl.minimum(k_lo + K_SPLIT, K)
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k0 in range(k_lo, k_hi, BLOCK_K):
+        offs_k = k0 + tl.arange(0, BLOCK_K)
+        x = tl.load(x_rows + offs_k[None, :], mask=(offs_m[:, None] < M) & (offs_k[None, :] < K), other=0)
+        w = _kq_tile(w_ptr, offs_n, k0, N, K, R, TYPE, BLOCK_K).to(x.dtype)
+        acc = tl.dot(x, tl.trans(w), acc, input_precision=DOT_PRECISION)
+
+    mask_m = offs_m < M
+    mask_n = offs_n < N
+    mask = mask_m[:, None] & mask_n[None, :]
+    out_offs = offs_m[:, None].to(tl.int64) * N + offs_n[None, :]
+    if SPLIT:
+        tl.store(out_ptr + pid_k.to(tl.int64) * M * N + out_offs, acc, mask=mask)
+    else:
+        if HAS_BIAS:
+            acc += tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
+        tl.store(out_ptr + out_offs, acc.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _kq_dequant_kernel(w_ptr, out_ptr, N, K, R, TYPE: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    k0 = tl.program_id(1) * BLOCK_K
+    w = _kq_tile(w_ptr, offs_n, k0, N, K, R, TYPE, BLOCK_K)
+    offs_k = k0 + tl.arange(0, BLOCK_K)
+    tl.store(out_ptr + offs_n[:, None].to(tl.int64) * K + offs_k[None, :], w.to(out_ptr.dtype.element_ty),
+             mask=offs_n[:, None] < N)
+
+
+def _prune(configs, named_args, **kwargs):
+    allowed = FP32_GEMM_CONFIGS if named_args["x_ptr"].dtype == torch.float32 else GEMM_CONFIGS
+    valid = [c for c in configs if c in allowed]
+    if _interpreting():
+        return [min(valid, key=lambda c: c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] * c.kwargs["BLOCK_K"])]
+    return valid
+
+
+_kq_mm_autotuned = triton.autotune(configs=GEMM_CONFIGS + FP32_GEMM_CONFIGS, key=["M_BUCKET", "N", "K", "TYPE"],
+                                   prune_configs_by={"early_config_prune": _prune})(_kq_mm_kernel)
+
+
+# ---------------------------------------------------------------- launchers
+def _matmul(x2, packed, ggml_type, n, bias, config=None):
+    m, k = x2.shape
+    out = torch.empty((m, n), dtype=x2.dtype, device=x2.device)
+    if m == 0 or n == 0:
+        return out
+    common = dict(TYPE=ggml_type, HAS_BIAS=bias is not None, DOT_PRECISION=_dot_precision(x2.dtype))
+    b_arg = bias if bias is not None else out
+    r = packed.shape[1]
+    if config is None and m > SMALL_M:
+        grid = lambda meta: (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]), 1)  # noqa: E731
+        _kq_mm_autotuned[grid](x2, packed, b_arg, out, m, n, k, r, x2.stride(0), k, triton.next_power_of_2(m),
+                               SPLIT=False, **common)
+        return out
+    config = config or small_m_config(256, x2.dtype)
+    bm, bn, bk = (config.kwargs[key] for key in ("BLOCK_M", "BLOCK_N", "BLOCK_K"))
+    n_tiles = triton.cdiv(m, bm) * triton.cdiv(n, bn)
+    k_tiles = triton.cdiv(k, bk)
+    split = _split_k(n_tiles, k_tiles, x2.device) if m <= SMALL_M else 1
+    k_split = triton.cdiv(k_tiles, split) * bk
+    split = triton.cdiv(k, k_split)
+    dst = torch.empty((split, m, n), dtype=torch.float32, device=x2.device) if split > 1 else out
+    _kq_mm_kernel[(n_tiles, split)](x2, packed, b_arg, dst, m, n, k, r, x2.stride(0), k_split,
+                                    triton.next_power_of_2(m), SPLIT=split > 1, **common, **config.all_kwargs())
+    if split > 1:
+        _splitk_reduce_kernel[(m, triton.cdiv(n, 128))](dst, b_arg, out, m, n, split, HAS_BIAS=bias is not None,
+                                                        BLOCK_N=128)
+    return out
+
+
+def _check_packed(packed, ggml_type, n, k):
+    t = ggml.block_type(ggml_type)
+    _require(k > 0 and k % t.block == 0,
+             f"in_features ({k}) must be a positive multiple of {t.name}'s block {t.block}")
+    r = ggml.cuda_row_bytes(t.type_id, k)
+    _require(packed.dtype == torch.uint8 and tuple(packed.shape) == (n, r),
+             f"packed must be uint8 of shape ({n}, {r}) (the CUDA layout of {t.name}), got {packed.dtype} "
+             f"{tuple(packed.shape)}")
+
+
+# ---------------------------------------------------------------- ops (CUDA kernels of flashgen::*)
+def ggml_prepack(blocks, ggml_type, in_features):
+    """The CUDA layout (module doc) of Q4_K / Q6_K blocks (N, K / 256 * block_bytes); other types' blocks as
+    they are (a contiguous copy)."""
+    t = ggml.block_type(ggml_type)
+    _require(blocks.dim() == 2 and blocks.dtype == torch.uint8, f"blocks must be 2-D uint8, got {blocks.dtype} "
+             f"{tuple(blocks.shape)}")
+    n, k = blocks.shape[0], in_features
+    _require(k % t.block == 0 and blocks.shape[1] == t.row_bytes(k),
+             f"blocks must be ({n}, {t.row_bytes(k)}) for {t.name} rows of {k} values, got {tuple(blocks.shape)}")
+    if t.type_id not in NATIVE:
+        return blocks.clone(memory_format=torch.contiguous_format)
+    b = blocks.reshape(-1, t.block_bytes)
+    if t.type_id == Q4_K:
+        q, sc, mn = ggml.q4_k_codes(b)
+        halves = (b[:, 0:2], b[:, 2:4])
+        low = q
+        rest = [sc.to(torch.uint8).reshape(n, -1), mn.to(torch.uint8).reshape(n, -1)]
+    else:
+        q = ggml.q6_k_codes(b)
+        halves = (b[:, 208:210],)
+        low = q & 15
+        hi = (q >> 4).reshape(n, k // 4, 4)
+        rest = [(hi[..., 0] | hi[..., 1] << 2 | hi[..., 2] << 4 | hi[..., 3] << 6).to(torch.uint8),
+                b[:, 192:208].reshape(n, -1)]
+    low = low.reshape(n, k).to(torch.uint8)
+    codes = low[:, 0::2] | (low[:, 1::2] << 4)
+    return torch.cat([codes, *rest, *(h.reshape(n, -1) for h in halves)], dim=1).contiguous()
+
+
+def ggml_linear(x, packed, ggml_type, out_features, bias=None):
+    k = x.shape[-1]
+    _check_x(x, packed, bias, out_features)
+    _check_packed(packed, ggml_type, out_features, k)
+    if ggml_type not in NATIVE:
+        return reference.ggml_linear(x, packed, ggml_type, out_features, bias)
+    out = _matmul(_rows(x, k), packed.contiguous(), ggml_type, out_features, bias)
+    return out.reshape(*x.shape[:-1], out_features)
+
+
+def ggml_dequantize(packed, ggml_type, out_features, in_features, dtype):
+    _check_packed(packed, ggml_type, out_features, in_features)
+    if ggml_type not in NATIVE:
+        return reference.ggml_dequantize(packed, ggml_type, out_features, in_features, dtype)
+    out = torch.empty((out_features, in_features), dtype=dtype, device=packed.device)
+    block_n, block_k = 32, 64
+    if out_features:
+        _kq_dequant_kernel[(triton.cdiv(out_features, block_n), in_features // block_k)](
+            packed, out, out_features, in_features, packed.shape[1], TYPE=ggml_type, BLOCK_N=block_n,
+            BLOCK_K=block_k)
+    return out
+
+
+KERNELS = {"ggml_prepack": ggml_prepack, "ggml_linear": ggml_linear, "ggml_dequantize": ggml_dequantize}
+
+
+# ---------------------------------------------------------------- static check (benchmarks/gpu_static.py)
+def aot_specs():
+    """Both types: each GEMM config (bf16 compiles like fp16), the split-K tile, fp32 with tf32x3, dequantize."""
+    specs = []
+    ints = ("K", "R", "stride_xm", "K_SPLIT")
+
+    def add(name, fn, signature, constexprs, num_warps=4, num_stages=3):
+        attrs = {(i,): [["tt.divisibility", 16]] for i, (arg, ty) in enumerate(signature.items())
+                 if ty.startswith("*") or arg in ints}
+        specs.append({"name": name, "fn": fn, "signature": signature, "constexprs": constexprs,
+                      "num_warps": num_warps, "num_stages": num_stages, "attrs": attrs})
+
+    for type_id in NATIVE:
+        kind = ggml.block_type(type_id).name
+        for act, configs, precision in (("fp16", GEMM_CONFIGS, "ieee"), ("fp32", FP32_GEMM_CONFIGS, "tf32x3")):
+            small = small_m_config(256, torch.float32 if act == "fp32" else torch.float16)
+            for cfg, split in [(c, False) for c in configs] + [(small, True)]:
+                sig = {"x_ptr": f"*{act}", "w_ptr": "*u8", "bias_ptr": "*fp16", "out_ptr": "*fp32" if split else
+                       f"*{act}", "M": "i32", "N": "i32", "K": "i32", "R": "i32", "stride_xm": "i32",
+                       "K_SPLIT": "i32", "M_BUCKET": "i32"}
+                const = dict(TYPE=type_id, HAS_BIAS=True, SPLIT=split, DOT_PRECISION=precision, **cfg.kwargs)
+                sig.update({key: "constexpr" for key in const})
+                tile = "x".join(str(cfg.kwargs[key]) for key in ("BLOCK_M", "BLOCK_N", "BLOCK_K"))
+                add(f"kq_mm_{kind}_{act}_{tile}_w{cfg.num_warps}s{cfg.num_stages}{'_splitk' if split else ''}",
+                    _kq_mm_kernel, sig, const, cfg.num_warps, cfg.num_stages)
+        add(f"kq_dequant_{kind}", _kq_dequant_kernel,
+            {"w_ptr": "*u8", "out_ptr": "*fp16", "N": "i32", "K": "i32", "R": "i32", "TYPE": "constexpr",
+             "BLOCK_N": "constexpr", "BLOCK_K": "constexpr"}, {"TYPE": type_id, "BLOCK_N": 32, "BLOCK_K": 64})
+    return specs
