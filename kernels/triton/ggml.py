@@ -17,8 +17,8 @@ import triton
 import triton.language as tl
 
 from .. import ggml, reference
-from .quant import (FP32_GEMM_CONFIGS, GEMM_CONFIGS, SMALL_M, _check_x, _dot_precision, _interpreting, _require,
-                    _rows, _split_k, _splitk_reduce_kernel, _weight_codes, small_m_config)
+from .quant import (FP32_GEMM_CONFIGS, GEMM_CONFIGS, SMALL_M, _check_x, _dot_precision, _prune, _require, _rows,
+                    _split_k, _splitk_reduce_kernel, _store_tile, _tile_offsets, _weight_codes, small_m_config)
 
 Q4_K, Q6_K = ggml.BLOCK_TYPES["Q4_K"].type_id, ggml.BLOCK_TYPES["Q6_K"].type_id
 NATIVE = tuple(t.type_id for t in ggml.BLOCK_TYPES.values() if t.gpu_kernel)
@@ -77,18 +77,8 @@ def _kq_mm_kernel(x_ptr, w_ptr, bias_ptr, out_ptr, M, N, K, R, stride_xm, K_SPLI
                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
     """out = x @ dequant(w).T (+ bias); SPLIT and the grouped order as quant.py's _qmm_kernel."""
     tl.static_assert(256 % BLOCK_K == 0, "BLOCK_K must divide the super-block of 256")
-    pid = tl.program_id(0)
     pid_k = tl.program_id(1)
-    num_m = tl.cdiv(M, BLOCK_M)
-    num_n = tl.cdiv(N, BLOCK_N)
-    width = GROUP_M * num_n
-    first_m = (pid // width) * GROUP_M
-    size_m = tl.minimum(num_m - first_m, GROUP_M)
-    pid_m = first_m + (pid % width) % size_m
-    pid_n = (pid % width) // size_m
-
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_m, offs_n = _tile_offsets(M, N, BLOCK_M, BLOCK_N, GROUP_M)
     x_rows = x_ptr + offs_m[:, None].to(tl.int64) * stride_xm
     k_lo = pid_k * K_SPLIT
     k_hi = tl.minimum(k_lo + K_SPLIT, K)
@@ -98,17 +88,7 @@ def _kq_mm_kernel(x_ptr, w_ptr, bias_ptr, out_ptr, M, N, K, R, stride_xm, K_SPLI
         x = tl.load(x_rows + offs_k[None, :], mask=(offs_m[:, None] < M) & (offs_k[None, :] < K), other=0)
         w = _kq_tile(w_ptr, offs_n, k0, N, K, R, TYPE, BLOCK_K).to(x.dtype)
         acc = tl.dot(x, tl.trans(w), acc, input_precision=DOT_PRECISION)
-
-    mask_m = offs_m < M
-    mask_n = offs_n < N
-    mask = mask_m[:, None] & mask_n[None, :]
-    out_offs = offs_m[:, None].to(tl.int64) * N + offs_n[None, :]
-    if SPLIT:
-        tl.store(out_ptr + pid_k.to(tl.int64) * M * N + out_offs, acc, mask=mask)
-    else:
-        if HAS_BIAS:
-            acc += tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
-        tl.store(out_ptr + out_offs, acc.to(out_ptr.dtype.element_ty), mask=mask)
+    _store_tile(out_ptr, bias_ptr, acc, offs_m, offs_n, M, N, pid_k, HAS_BIAS, SPLIT)
 
 
 @triton.jit
@@ -119,14 +99,6 @@ def _kq_dequant_kernel(w_ptr, out_ptr, N, K, R, TYPE: tl.constexpr, BLOCK_N: tl.
     offs_k = k0 + tl.arange(0, BLOCK_K)
     tl.store(out_ptr + offs_n[:, None].to(tl.int64) * K + offs_k[None, :], w.to(out_ptr.dtype.element_ty),
              mask=offs_n[:, None] < N)
-
-
-def _prune(configs, named_args, **kwargs):
-    allowed = FP32_GEMM_CONFIGS if named_args["x_ptr"].dtype == torch.float32 else GEMM_CONFIGS
-    valid = [c for c in configs if c in allowed]
-    if _interpreting():
-        return [min(valid, key=lambda c: c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] * c.kwargs["BLOCK_K"])]
-    return valid
 
 
 _kq_mm_autotuned = triton.autotune(configs=GEMM_CONFIGS + FP32_GEMM_CONFIGS, key=["M_BUCKET", "N", "K", "TYPE"],

@@ -77,6 +77,36 @@ def _dequantize_tile(q, s_ptr, m_ptr, offs_n, k0, N, K, W4: tl.constexpr, G: tl.
 
 
 @triton.jit
+def _tile_offsets(M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr):
+    """Rows and columns of this program's output tile, in grouped order: GROUP_M consecutive row blocks run
+    together and share each weight tile in L2."""
+    pid = tl.program_id(0)
+    num_m = tl.cdiv(M, BLOCK_M)
+    num_n = tl.cdiv(N, BLOCK_N)
+    width = GROUP_M * num_n
+    first_m = (pid // width) * GROUP_M
+    size_m = tl.minimum(num_m - first_m, GROUP_M)
+    pid_m = first_m + (pid % width) % size_m
+    pid_n = (pid % width) // size_m
+    return pid_m * BLOCK_M + tl.arange(0, BLOCK_M), pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+
+
+@triton.jit
+def _store_tile(out_ptr, bias_ptr, acc, offs_m, offs_n, M, N, pid_k, HAS_BIAS: tl.constexpr, SPLIT: tl.constexpr):
+    """The float32 tile acc: with SPLIT, as split pid_k's partial sums into out[pid_k] (no bias); else plus
+    the bias, in out's dtype."""
+    mask_n = offs_n < N
+    mask = (offs_m[:, None] < M) & mask_n[None, :]
+    out_offs = offs_m[:, None].to(tl.int64) * N + offs_n[None, :]
+    if SPLIT:
+        tl.store(out_ptr + pid_k.to(tl.int64) * M * N + out_offs, acc, mask=mask)
+    else:
+        if HAS_BIAS:
+            acc += tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
+        tl.store(out_ptr + out_offs, acc.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
 def _qmm_kernel(x_ptr, xs_ptr, w_ptr, s_ptr, m_ptr, bias_ptr, out_ptr,
                 M, N, K, stride_xm, K_SPLIT, M_BUCKET,
                 W4: tl.constexpr, G: tl.constexpr, A8: tl.constexpr, HAS_BIAS: tl.constexpr,
@@ -89,19 +119,8 @@ def _qmm_kernel(x_ptr, xs_ptr, w_ptr, s_ptr, m_ptr, bias_ptr, out_ptr,
     M_BUCKET only keys the autotuner (a power of two near M) and is unused here.
     """
     tl.static_assert(G == 0 or G % BLOCK_K == 0, "BLOCK_K must divide the group size")
-    pid = tl.program_id(0)
     pid_k = tl.program_id(1)
-    # Grouped order: GROUP_M consecutive row blocks run together and share each weight tile in L2.
-    num_m = tl.cdiv(M, BLOCK_M)
-    num_n = tl.cdiv(N, BLOCK_N)
-    width = GROUP_M * num_n
-    first_m = (pid // width) * GROUP_M
-    size_m = tl.minimum(num_m - first_m, GROUP_M)
-    pid_m = first_m + (pid % width) % size_m
-    pid_n = (pid % width) // size_m
-
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_m, offs_n = _tile_offsets(M, N, BLOCK_M, BLOCK_N, GROUP_M)
     x_rows = x_ptr + offs_m[:, None].to(tl.int64) * stride_xm
     k_lo = pid_k * K_SPLIT
     k_hi = tl.minimum(k_lo + K_SPLIT, K)
@@ -131,14 +150,7 @@ def _qmm_kernel(x_ptr, xs_ptr, w_ptr, s_ptr, m_ptr, bias_ptr, out_ptr,
         acc *= tl.load(s_ptr + offs_n, mask=mask_n, other=0.0)[None, :]
     if A8:
         acc *= tl.load(xs_ptr + offs_m, mask=mask_m, other=0.0)[:, None]
-    mask = mask_m[:, None] & mask_n[None, :]
-    out_offs = offs_m[:, None].to(tl.int64) * N + offs_n[None, :]
-    if SPLIT:
-        tl.store(out_ptr + pid_k.to(tl.int64) * M * N + out_offs, acc, mask=mask)
-    else:
-        if HAS_BIAS:
-            acc += tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
-        tl.store(out_ptr + out_offs, acc.to(out_ptr.dtype.element_ty), mask=mask)
+    _store_tile(out_ptr, bias_ptr, acc, offs_m, offs_n, M, N, pid_k, HAS_BIAS, SPLIT)
 
 
 @triton.jit
@@ -233,7 +245,7 @@ def _fits(config, g):
 
 def _prune(configs, named_args, **kwargs):
     allowed = FP32_GEMM_CONFIGS if named_args["x_ptr"].dtype == torch.float32 else GEMM_CONFIGS
-    valid = [c for c in configs if c in allowed and _fits(c, kwargs["G"])]
+    valid = [c for c in configs if c in allowed and _fits(c, kwargs.get("G", 0))]  # (K-quants: no G)
     if _interpreting():
         # No GPU to time configs on: run the smallest tile (the tests sweep every config explicitly).
         return [min(valid, key=lambda c: c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] * c.kwargs["BLOCK_K"])]
