@@ -17,8 +17,8 @@ import triton
 import triton.language as tl
 
 from .. import ggml, reference
-from .quant import (FP32_GEMM_CONFIGS, GEMM_CONFIGS, SMALL_M, _check_x, _dot_precision, _prune, _require, _rows,
-                    _split_k, _splitk_reduce_kernel, _store_tile, _tile_offsets, _weight_codes, small_m_config)
+from .quant import (FP32_GEMM_CONFIGS, GEMM_CONFIGS, _check_x, _dot_precision, _prune, _require, _rows,
+                    _store_tile, _tile_offsets, _weight_codes, run_gemm, small_m_config)
 
 Q4_K, Q6_K = ggml.BLOCK_TYPES["Q4_K"].type_id, ggml.BLOCK_TYPES["Q6_K"].type_id
 NATIVE = tuple(t.type_id for t in ggml.BLOCK_TYPES.values() if t.gpu_kernel)
@@ -107,32 +107,12 @@ _kq_mm_autotuned = triton.autotune(configs=GEMM_CONFIGS + FP32_GEMM_CONFIGS, key
 
 # ---------------------------------------------------------------- launchers
 def _matmul(x2, packed, ggml_type, n, bias, config=None):
-    m, k = x2.shape
-    out = torch.empty((m, n), dtype=x2.dtype, device=x2.device)
-    if m == 0 or n == 0:
+    out = torch.empty((x2.shape[0], n), dtype=x2.dtype, device=x2.device)
+    if out.numel() == 0:
         return out
     common = dict(TYPE=ggml_type, HAS_BIAS=bias is not None, DOT_PRECISION=_dot_precision(x2.dtype))
-    b_arg = bias if bias is not None else out
-    r = packed.shape[1]
-    if config is None and m > SMALL_M:
-        grid = lambda meta: (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]), 1)  # noqa: E731
-        _kq_mm_autotuned[grid](x2, packed, b_arg, out, m, n, k, r, x2.stride(0), k, triton.next_power_of_2(m),
-                               SPLIT=False, **common)
-        return out
-    config = config or small_m_config(256, x2.dtype)
-    bm, bn, bk = (config.kwargs[key] for key in ("BLOCK_M", "BLOCK_N", "BLOCK_K"))
-    n_tiles = triton.cdiv(m, bm) * triton.cdiv(n, bn)
-    k_tiles = triton.cdiv(k, bk)
-    split = _split_k(n_tiles, k_tiles, x2.device) if m <= SMALL_M else 1
-    k_split = triton.cdiv(k_tiles, split) * bk
-    split = triton.cdiv(k, k_split)
-    dst = torch.empty((split, m, n), dtype=torch.float32, device=x2.device) if split > 1 else out
-    _kq_mm_kernel[(n_tiles, split)](x2, packed, b_arg, dst, m, n, k, r, x2.stride(0), k_split,
-                                    triton.next_power_of_2(m), SPLIT=split > 1, **common, **config.all_kwargs())
-    if split > 1:
-        _splitk_reduce_kernel[(m, triton.cdiv(n, 128))](dst, b_arg, out, m, n, split, HAS_BIAS=bias is not None,
-                                                        BLOCK_N=128)
-    return out
+    return run_gemm(_kq_mm_kernel, _kq_mm_autotuned, x2, (packed,), (packed.shape[1],), bias, out, common,
+                    small_m_config(256, x2.dtype), config)
 
 
 def _check_packed(packed, ggml_type, n, k):

@@ -291,15 +291,23 @@ def _matmul(x2, xs, qweight, scales, offsets, bias, n, w4, g, out_dtype, config=
     if k == 0:
         return out.zero_() if bias is None else out.copy_(bias.expand(m, n))
     common = dict(W4=w4, G=g, A8=a8, HAS_BIAS=bias is not None, DOT_PRECISION=_dot_precision(x2.dtype))
-    xs_arg = xs if a8 else x2
-    m_arg = offsets if offsets is not None else scales
+    weights = (xs if a8 else x2, qweight, scales, offsets if offsets is not None else scales)
+    return run_gemm(_qmm_kernel, _qmm_autotuned, x2, weights, (), bias, out, common, small_m_config(g, x2.dtype),
+                    config)
+
+
+def run_gemm(kernel, autotuned, x2, weights, extra, bias, out, common, small_config, config=None):
+    """Launch a quantized GEMM kernel of arguments (x, *weights, bias, out, M, N, K, *extra, stride_xm, K_SPLIT,
+    M_BUCKET): autotuned for M > 16 unless `config` forces a tile; else the split-K tile `small_config` (or
+    `config`), its partial sums added by _splitk_reduce_kernel. Returns out (M, N)."""
+    (m, k), n = x2.shape, out.shape[1]
     b_arg = bias if bias is not None else out
     if config is None and m > SMALL_M:
         grid = lambda meta: (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]), 1)  # noqa: E731
-        _qmm_autotuned[grid](x2, xs_arg, qweight, scales, m_arg, b_arg, out, m, n, k, x2.stride(0), k,
-                             triton.next_power_of_2(m), SPLIT=False, **common)
+        autotuned[grid](x2, *weights, b_arg, out, m, n, k, *extra, x2.stride(0), k, triton.next_power_of_2(m),
+                        SPLIT=False, **common)
         return out
-    config = config or small_m_config(g, x2.dtype)
+    config = config or small_config
     bm, bn, bk = (config.kwargs[key] for key in ("BLOCK_M", "BLOCK_N", "BLOCK_K"))
     n_tiles = triton.cdiv(m, bm) * triton.cdiv(n, bn)
     k_tiles = triton.cdiv(k, bk)
@@ -307,8 +315,8 @@ def _matmul(x2, xs, qweight, scales, offsets, bias, n, w4, g, out_dtype, config=
     k_split = triton.cdiv(k_tiles, split) * bk
     split = triton.cdiv(k, k_split)
     dst = torch.empty((split, m, n), dtype=torch.float32, device=x2.device) if split > 1 else out
-    _qmm_kernel[(n_tiles, split)](x2, xs_arg, qweight, scales, m_arg, b_arg, dst, m, n, k, x2.stride(0), k_split,
-                                  triton.next_power_of_2(m), SPLIT=split > 1, **common, **config.all_kwargs())
+    kernel[(n_tiles, split)](x2, *weights, b_arg, dst, m, n, k, *extra, x2.stride(0), k_split,
+                             triton.next_power_of_2(m), SPLIT=split > 1, **common, **config.all_kwargs())
     if split > 1:
         block_n = 128
         _splitk_reduce_kernel[(m, triton.cdiv(n, block_n))](dst, b_arg, out, m, n, split,
