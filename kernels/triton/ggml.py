@@ -11,6 +11,8 @@ CUDA layout (what ggml_prepack returns on CUDA), one uint8 row of R bytes per ou
 The products are those of kernels/ggml.py in the same order (d sc is exact in float32), so the dequantized
 values are the file's bit for bit. The GEMM is quant.py's: (BLOCK_M, BLOCK_N) tiles, tl.dot in x's dtype with
 float32 accumulation, split-K for M <= 16; BLOCK_K divides 256, so a tile lies in one super-block.
+With FLASHGEN_CUDA_BACKEND=cuda, decode-sized calls go to the CUDA C++ GEMV (csrc/cuda/ggml_gemv.cu) where its
+rows are 16-byte aligned (K a multiple of 1024 for Q4_K, 2048 for Q6_K).
 """
 import torch
 import triton
@@ -18,7 +20,7 @@ import triton.language as tl
 
 from .. import ggml, reference
 from .quant import (FP32_GEMM_CONFIGS, GEMM_CONFIGS, _check_x, _dot_precision, _prune, _require, _rows,
-                    _store_tile, _tile_offsets, _weight_codes, run_gemm, small_m_config)
+                    _store_tile, _tile_offsets, _use_cuda_gemv, _weight_codes, run_gemm, small_m_config)
 
 Q4_K, Q6_K = ggml.BLOCK_TYPES["Q4_K"].type_id, ggml.BLOCK_TYPES["Q6_K"].type_id
 NATIVE = tuple(t.type_id for t in ggml.BLOCK_TYPES.values() if t.gpu_kernel)
@@ -161,6 +163,8 @@ def ggml_linear(x, packed, ggml_type, out_features, bias=None):
     _check_packed(packed, ggml_type, out_features, k)
     if ggml_type not in NATIVE:
         return reference.ggml_linear(x, packed, ggml_type, out_features, bias)
+    if _use_cuda_gemv(x, packed) and packed.shape[1] % 16 == 0:  # its 16-byte loads need aligned rows
+        return torch.ops.flashgen_cuda.ggml_linear(x, packed, ggml_type, out_features, bias)
     out = _matmul(_rows(x, k), packed.contiguous(), ggml_type, out_features, bias)
     return out.reshape(*x.shape[:-1], out_features)
 

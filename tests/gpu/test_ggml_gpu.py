@@ -39,3 +39,27 @@ def test_linear_matches_the_float64_product(name, m, dtype):
     eager = (x @ w32.to(dtype).t()).double()
     floor = torch.finfo(dtype).eps * ref.abs().max()
     assert (y.double() - ref).abs().max() <= 2 * (eager - ref).abs().max() + floor
+
+
+@pytest.mark.parametrize("k", [4096, 1280])  # 1280: a Q4_K row of 740 bytes, not 16-byte aligned: Triton
+@pytest.mark.parametrize("name", ["Q4_K", "Q6_K"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_cuda_gemv_matches_the_float64_product(name, k, dtype, monkeypatch):
+    assert _backend.C_cuda is not None and hasattr(torch.ops.flashgen_cuda, "ggml_linear"), "CUDA GEMV not built"
+    n = 4097
+    w = random_weight(name, n, k, seed=int(torch.randint(0, 2 ** 31, ()))).to("cuda")
+    t = ggml.BLOCK_TYPES[name]
+    packed = torch.ops.flashgen.ggml_prepack(w.qweight, t.type_id, k)
+    bias = torch.randn(n, device="cuda")
+    w32 = w.dequantize(torch.float32)
+    monkeypatch.setenv("FLASHGEN_CUDA_BACKEND", "cuda")
+    for m in range(1, 9):
+        x = torch.randn(m, k, device="cuda").to(dtype)
+        y = torch.ops.flashgen.ggml_linear(x, packed, t.type_id, n, bias)
+        ref = x.double() @ w32.double().t() + bias.double()
+        eager = (x @ w32.to(dtype).t() + bias.to(dtype)).double()
+        floor = torch.finfo(dtype).eps * ref.abs().max()
+        assert (y.double() - ref).abs().max() <= 2 * (eager - ref).abs().max() + floor, m
+    if packed.shape[1] % 16 == 0:
+        direct = torch.ops.flashgen_cuda.ggml_linear(x, packed, t.type_id, n, bias)
+        assert torch.equal(direct, y)
