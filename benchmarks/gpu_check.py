@@ -69,10 +69,10 @@ def measured_peak(device, timer):
 
 def kernel_benchmarks(device, smoke, timer):
     """[(Work, fn)] of every kernel benchmarked, on fresh random inputs."""
-    from flashgen.kernels import flash_attn_func, rms_norm
+    from flashgen.kernels import flash_attn_func, ggml, rms_norm
     from flashgen.kernels.attention import _options
     from flashgen.kernels.qlinear import QuantizedLinear
-    from flashgen.kernels.quant import quantize_int4, quantize_int8
+    from flashgen.kernels.quant import QuantizedWeight, quantize_int4, quantize_int8
 
     pick = 1 if smoke else 0
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
@@ -108,15 +108,8 @@ def kernel_benchmarks(device, smoke, timer):
     out.append((roofline.decode_work(f"decode paged b{b} h{h}/{kvh} ctx{ctx} d{d}", b, h, kvh, ctx, d, elem),
                 decode))
     if device.type == "cuda" and not smoke:
-        def cuda_decode():
-            os.environ["FLASHGEN_CUDA_BACKEND"] = "cuda"
-            try:
-                return decode()
-            finally:
-                del os.environ["FLASHGEN_CUDA_BACKEND"]
-
         out.append((roofline.decode_work(f"decode paged CUDA C++ b{b} ctx{ctx} d{d}", b, h, kvh, ctx, d, elem),
-                    cuda_decode))
+                    lambda: _cuda(decode)))
 
     n, kdim = SHAPES["linear"][pick]
     weight = torch.randn(n, kdim, device=device) * 0.02
@@ -127,7 +120,26 @@ def kernel_benchmarks(device, smoke, timer):
             xm = torch.randn(m, kdim, dtype=dtype, device=device)
             out.append((roofline.linear_work(f"{name} linear m{m} n{n} k{kdim}", m, n, kdim, wbytes, elem),
                         lambda layer=layer, xm=xm: layer(xm)))
+    for name in ("Q4_K", "Q6_K"):  # a Q4_K_M file's types; the file's bytes are what a GEMV must stream
+        t = ggml.BLOCK_TYPES[name]
+        qw = QuantizedWeight(name, ggml.random_blocks(name, n * kdim // t.block).reshape(n, -1)).to(device)
+        layer = QuantizedLinear(qw)
+        xm = torch.randn(1, kdim, dtype=dtype, device=device)
+        out.append((roofline.linear_work(f"{name} linear m1 n{n} k{kdim}", 1, n, kdim, qw.qweight.numel(), elem),
+                    lambda layer=layer, xm=xm: layer(xm)))
+        if device.type == "cuda" and not smoke:
+            out.append((roofline.linear_work(f"{name} linear CUDA C++ m1 n{n} k{kdim}", 1, n, kdim,
+                                             qw.qweight.numel(), elem), lambda layer=layer, xm=xm: _cuda(layer, xm)))
     return out
+
+
+def _cuda(fn, *args):
+    """fn(*args) with FLASHGEN_CUDA_BACKEND=cuda: the CUDA C++ kernel where one takes the call."""
+    os.environ["FLASHGEN_CUDA_BACKEND"] = "cuda"
+    try:
+        return fn(*args)
+    finally:
+        del os.environ["FLASHGEN_CUDA_BACKEND"]
 
 
 def engine_benchmarks(device, smoke):

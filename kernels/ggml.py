@@ -25,6 +25,7 @@ class BlockType:
     dequantize: Callable  # uint8 (B, block_bytes) -> float32 (B, block)
     cpu_kernel: bool  # csrc/cpu/ggml.h computes it natively (else a CPU model dequantizes it at load)
     gpu_kernel: bool = False  # kernels/triton/ggml.py computes it natively (else a GPU model dequantizes it at load)
+    half_fields: tuple = ()  # byte offsets of its float16 fields (d, dmin / m) within a block
 
     def row_bytes(self, k):
         return k // self.block * self.block_bytes
@@ -160,15 +161,15 @@ def _iq4_xs(b):  # d, scales_h u16, scales_l[4], qs[128]: 8 sub-blocks of 32, w 
 
 
 BLOCK_TYPES = {t.name: t for t in (
-    BlockType("Q5_0", 6, 32, 22, _q5_0, True),
-    BlockType("Q5_1", 7, 32, 24, _q5_1, True),
-    BlockType("Q2_K", 10, 256, 84, _q2_k, True),
-    BlockType("Q3_K", 11, 256, 110, _q3_k, True),
-    BlockType("Q4_K", 12, 256, 144, _q4_k, True, gpu_kernel=True),
-    BlockType("Q5_K", 13, 256, 176, _q5_k, True),
-    BlockType("Q6_K", 14, 256, 210, _q6_k, True, gpu_kernel=True),
-    BlockType("IQ4_NL", 20, 32, 18, _iq4_nl, True),
-    BlockType("IQ4_XS", 23, 256, 136, _iq4_xs, True),
+    BlockType("Q5_0", 6, 32, 22, _q5_0, True, half_fields=(0,)),
+    BlockType("Q5_1", 7, 32, 24, _q5_1, True, half_fields=(0, 2)),
+    BlockType("Q2_K", 10, 256, 84, _q2_k, True, half_fields=(80, 82)),
+    BlockType("Q3_K", 11, 256, 110, _q3_k, True, half_fields=(108,)),
+    BlockType("Q4_K", 12, 256, 144, _q4_k, True, gpu_kernel=True, half_fields=(0, 2)),
+    BlockType("Q5_K", 13, 256, 176, _q5_k, True, half_fields=(0, 2)),
+    BlockType("Q6_K", 14, 256, 210, _q6_k, True, gpu_kernel=True, half_fields=(208,)),
+    BlockType("IQ4_NL", 20, 32, 18, _iq4_nl, True, half_fields=(0,)),
+    BlockType("IQ4_XS", 23, 256, 136, _iq4_xs, True, half_fields=(0,)),
 )}
 BY_ID = {t.type_id: t for t in BLOCK_TYPES.values()}
 
@@ -187,6 +188,17 @@ def cuda_row_bytes(type_id, k):
     super-block (its scales unpacked to bytes), Q6_K its own 210, other types their file blocks."""
     t = block_type(type_id)
     return {"Q4_K": 148 * k // 256, "Q6_K": 210 * k // 256}.get(t.name, t.row_bytes(k))
+
+
+def random_blocks(name, count, generator=None):
+    """`count` blocks of type `name` with random codes and sub-block scales (every bit pattern is a valid one)
+    and random finite float16 scales in its float16 fields (tests and benchmarks)."""
+    t = BLOCK_TYPES[name]
+    blocks = torch.randint(0, 256, (count, t.block_bytes), dtype=torch.uint8, generator=generator)
+    for at in t.half_fields:
+        scale = (torch.rand(count, generator=generator) * 0.02 + 1e-3).to(torch.float16)
+        blocks[:, at:at + 2] = scale.view(torch.uint8).reshape(count, 2)
+    return blocks
 
 
 def dequantize_rows(blocks, type_id, in_features):

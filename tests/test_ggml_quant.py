@@ -11,31 +11,19 @@ from flashgen.kernels.quant import QuantizedWeight, from_gguf
 gguf = pytest.importorskip("gguf")
 CPU_TYPES = [t.name for t in ggml.BLOCK_TYPES.values() if t.cpu_kernel]
 # Byte offsets of each type's float16 fields (scales d, dmin / m): random bytes there could be inf or NaN.
-HALF_FIELDS = {"Q5_0": (0,), "Q5_1": (0, 2), "Q2_K": (80, 82), "Q3_K": (108,), "Q4_K": (0, 2), "Q5_K": (0, 2),
-               "Q6_K": (208,), "IQ4_NL": (0,), "IQ4_XS": (0,)}
-
-
-def random_blocks(name, count, gen):
-    """`count` blocks of type `name` with random codes and sub-block scales (every bit pattern is a valid one)
-    and random finite float16 super-block scales."""
-    t = ggml.BLOCK_TYPES[name]
-    blocks = torch.randint(0, 256, (count, t.block_bytes), dtype=torch.uint8, generator=gen)
-    for at in HALF_FIELDS[name]:
-        scale = (torch.rand(count, generator=gen) * 0.02 + 1e-3).to(torch.float16)
-        blocks[:, at:at + 2] = scale.view(torch.uint8).reshape(count, 2)
-    return blocks
+HALF_FIELDS = {t.name: t.half_fields for t in ggml.BLOCK_TYPES.values()}
 
 
 def random_weight(name, n, k, seed):
     t = ggml.BLOCK_TYPES[name]
-    blocks = random_blocks(name, n * k // t.block, torch.Generator().manual_seed(seed))
+    blocks = ggml.random_blocks(name, n * k // t.block, torch.Generator().manual_seed(seed))
     return QuantizedWeight(name, blocks.reshape(n, -1))
 
 
 @pytest.mark.parametrize("name", sorted(ggml.BLOCK_TYPES))
 def test_dequantize_matches_gguf_bit_for_bit(name):
     t = ggml.BLOCK_TYPES[name]
-    blocks = random_blocks(name, 97, torch.Generator().manual_seed(t.type_id))
+    blocks = ggml.random_blocks(name, 97, torch.Generator().manual_seed(t.type_id))
     want = gguf.quants.dequantize(blocks.numpy(), gguf.GGMLQuantizationType[name]).reshape(97, t.block)
     got = t.dequantize(blocks)
     assert got.dtype == torch.float32
@@ -136,7 +124,7 @@ def test_state_dict_round_trip(tmp_path):
 
 def test_from_gguf_keeps_blocks():
     t = ggml.BLOCK_TYPES["Q6_K"]
-    blocks = random_blocks("Q6_K", 3 * 2, torch.Generator().manual_seed(7))
+    blocks = ggml.random_blocks("Q6_K", 3 * 2, torch.Generator().manual_seed(7))
     w = from_gguf(blocks.numpy().reshape(-1), "Q6_K", (3, 512))
     assert w.format.name == "Q6_K" and w.qweight.shape == (3, 2 * t.block_bytes)
     with pytest.raises(ValueError, match="multiple of the block size 256"):

@@ -18,7 +18,7 @@ def test_smoke_run_writes_every_kernel_and_the_engine(tmp_path):
     results = json.loads(out.read_text())
     assert results["failures"] == []
     names = [k["name"] for k in results["kernels"]]
-    assert len(names) == 7 and any(n.startswith("decode paged") for n in names)
+    assert len(names) == 9 and any(n.startswith("decode paged") for n in names)
     for k in results["kernels"]:
         assert k["seconds"] > 0 and k["t_peak"] > 0 and k["bytes"] > 0 and k["flops"] > 0
     engine = results["engine"]
