@@ -92,11 +92,18 @@ def _q4_k(b):  # d, dmin, scales[12], qs[128]: 64 values per 32 bytes, low nibbl
     return _k_quant(b, q, sc, mn, 32)
 
 
-def _q5_k(b):  # d, dmin, scales[12], qh[32], qs[128]: bit 2i + h of qh[l] is the 5th bit of value 64i + 32h + l
+def q5_k_codes(b):
+    """Q5_K blocks (B, 176) -> codes int64 (B, 256) in [0, 31] and sub-block scales, mins float32 (B, 8).
+    Bit 2i + h of qh[l] is the 5th bit of value 64i + 32h + l."""
     sc, mn = _scale_min_k4(b[:, 4:16])
     qh = b[:, 16:48].to(torch.int64)
     q = torch.cat([_nibbles(b[:, 48 + 32 * i:80 + 32 * i])
                    | (torch.cat(((qh >> (2 * i)) & 1, (qh >> (2 * i + 1)) & 1), 1) << 4) for i in range(4)], 1)
+    return q, sc, mn
+
+
+def _q5_k(b):  # d, dmin, scales[12], qh[32], qs[128]
+    q, sc, mn = q5_k_codes(b)
     return _k_quant(b, q, sc, mn, 32)
 
 
@@ -166,7 +173,7 @@ BLOCK_TYPES = {t.name: t for t in (
     BlockType("Q2_K", 10, 256, 84, _q2_k, True, half_fields=(80, 82)),
     BlockType("Q3_K", 11, 256, 110, _q3_k, True, half_fields=(108,)),
     BlockType("Q4_K", 12, 256, 144, _q4_k, True, gpu_kernel=True, half_fields=(0, 2)),
-    BlockType("Q5_K", 13, 256, 176, _q5_k, True, half_fields=(0, 2)),
+    BlockType("Q5_K", 13, 256, 176, _q5_k, True, gpu_kernel=True, half_fields=(0, 2)),
     BlockType("Q6_K", 14, 256, 210, _q6_k, True, gpu_kernel=True, half_fields=(208,)),
     BlockType("IQ4_NL", 20, 32, 18, _iq4_nl, True, half_fields=(0,)),
     BlockType("IQ4_XS", 23, 256, 136, _iq4_xs, True, half_fields=(0,)),
@@ -185,9 +192,9 @@ def block_type(name_or_id):
 
 def cuda_row_bytes(type_id, k):
     """Bytes of one row of K values in the CUDA layout of ggml_prepack (kernels/triton/ggml.py): Q4_K 148 per
-    super-block (its scales unpacked to bytes), Q6_K its own 210, other types their file blocks."""
+    super-block (its scales unpacked to bytes), Q5_K 180, Q6_K its own 210, other types their file blocks."""
     t = block_type(type_id)
-    return {"Q4_K": 148 * k // 256, "Q6_K": 210 * k // 256}.get(t.name, t.row_bytes(k))
+    return {"Q4_K": 148 * k // 256, "Q5_K": 180 * k // 256, "Q6_K": 210 * k // 256}.get(t.name, t.row_bytes(k))
 
 
 def random_blocks(name, count, generator=None):

@@ -1,5 +1,5 @@
-"""The Triton GGML K-quant linears (kernels/triton/ggml.py) under TRITON_INTERPRET=1: the CUDA layout lossless
-and within 5% of the file's bytes, dequantization bit for bit against kernels/ggml.py, and the linear against
+"""The Triton GGML K-quant linears Q4_K, Q5_K, Q6_K (kernels/triton/ggml.py) under TRITON_INTERPRET=1: the CUDA
+layout lossless and within 5% of the file's bytes, dequantization bit for bit against kernels/ggml.py, and the linear against
 the float64 product for every row-count class, odd N, bias and poisoned outputs; other types fall back to the
 reference."""
 import triton_interp  # noqa: F401  (first: triton must be imported in interpreter mode)
@@ -13,7 +13,7 @@ from triton_interp import poisoned
 from flashgen.kernels import ggml, reference
 from flashgen.kernels.triton import ggml as tg
 
-NATIVE = ["Q4_K", "Q6_K"]
+NATIVE = ["Q4_K", "Q5_K", "Q6_K"]
 
 
 @pytest.mark.parametrize("name", NATIVE)
@@ -44,8 +44,8 @@ def test_linear_matches_the_float64_product(name, m, dtype):
 
 
 def test_other_types_run_their_reference():
-    w = random_weight("Q5_K", 9, 256, seed=1)
-    t = ggml.BLOCK_TYPES["Q5_K"]
+    w = random_weight("Q3_K", 9, 256, seed=1)
+    t = ggml.BLOCK_TYPES["Q3_K"]
     packed = tg.ggml_prepack(w.qweight, t.type_id, 256)
     assert torch.equal(packed, w.qweight)
     x = torch.randn(3, 256)

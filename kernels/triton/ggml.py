@@ -1,10 +1,12 @@
-"""Triton kernels of the GGML K-quant linears Q4_K and Q6_K (the types of a Q4_K_M file), dequantizing in
-registers; every other GGML type runs its reference (dequantize, then matmul) on the GPU.
+"""Triton kernels of the GGML K-quant linears Q4_K, Q5_K and Q6_K (the types of Q4_K_M and Q5_K_M files),
+dequantizing in registers; every other GGML type runs its reference (dequantize, then matmul) on the GPU.
 
 CUDA layout (what ggml_prepack returns on CUDA), one uint8 row of R bytes per output row n, K = 256 S:
 - Q4_K: codes q (K/2 bytes, byte j = q[2j] | q[2j + 1] << 4 as int4's), sub-block scales sc (K/32 bytes),
   mins mn (K/32), then the float16 d and dmin of each super-block (2S bytes each): 148 S bytes, 2.8% above the
   file's 144 S. w[k] = (d sc_j) q[k] - (dmin mn_j), j = k / 32.
+- Q5_K: as Q4_K with the 5th bits after the codes (K/8 bytes, bit t of byte j for k = 8j + t): 180 S bytes,
+  2.3% above the file's 176 S. w[k] = (d sc_j) q[k] - (dmin mn_j).
 - Q6_K: the low 4 bits of the codes (K/2 bytes, as above), their high 2 bits (K/4 bytes, bits 2t..2t+1 of byte
   j for k = 4j + t), int8 sub-block scales (K/16), float16 d (2S): 210 S bytes, the file's size.
   w[k] = (d sc_j) (q[k] - 32), j = k / 16.
@@ -22,7 +24,7 @@ from .. import ggml, reference
 from .quant import (FP32_GEMM_CONFIGS, GEMM_CONFIGS, _check_x, _dot_precision, _prune, _require, _rows,
                     _store_tile, _tile_offsets, _use_cuda_gemv, _weight_codes, run_gemm, small_m_config)
 
-Q4_K, Q6_K = ggml.BLOCK_TYPES["Q4_K"].type_id, ggml.BLOCK_TYPES["Q6_K"].type_id
+Q4_K, Q5_K, Q6_K = (ggml.BLOCK_TYPES[name].type_id for name in ("Q4_K", "Q5_K", "Q6_K"))
 NATIVE = tuple(t.type_id for t in ggml.BLOCK_TYPES.values() if t.gpu_kernel)
 
 
@@ -54,12 +56,21 @@ def _kq_tile(w_ptr, offs_n, k0, N, K, R, TYPE: tl.constexpr, BLOCK_K: tl.constex
     # The low 4 bits: the int4 layout, read through int4's loader with a row stride of R bytes (= 2R codes).
     q = _weight_codes(w_ptr, offs_n, k0, N, 2 * R, True, BLOCK_K).to(tl.int32)
     s0 = k0 // 256
-    if TYPE == 12:  # Q4_K
+    if TYPE == 12 or TYPE == 13:  # Q4_K, Q5_K
+        at = K // 2
+        if TYPE == 13:
+            hb = tl.load(rows + at + (k0 // 8 + tl.arange(0, BLOCK_K // 8))[None, :], mask=mask, other=0)
+            hb = hb.to(tl.int32)
+            # bit t of byte j is column 8j + t: three joins interleave them back (the last join varies fastest)
+            even = tl.join(tl.join(hb & 1, (hb >> 4) & 1), tl.join((hb >> 2) & 1, (hb >> 6) & 1))
+            odd = tl.join(tl.join((hb >> 1) & 1, (hb >> 5) & 1), tl.join((hb >> 3) & 1, (hb >> 7) & 1))
+            q = q | (tl.reshape(tl.join(even, odd), (offs_n.shape[0], BLOCK_K)) << 4)
+            at += K // 8
         subs = (k0 // 32 + tl.arange(0, BLOCK_K // 32))[None, :]
-        sc = tl.load(rows + K // 2 + subs, mask=mask, other=0).to(tl.float32)
-        mn = tl.load(rows + K // 2 + K // 32 + subs, mask=mask, other=0).to(tl.float32)
-        d = _half(rows + K // 2 + K // 16 + 2 * s0, mask)
-        dmin = _half(rows + K // 2 + K // 16 + K // 128 + 2 * s0, mask)
+        sc = tl.load(rows + at + subs, mask=mask, other=0).to(tl.float32)
+        mn = tl.load(rows + at + K // 32 + subs, mask=mask, other=0).to(tl.float32)
+        d = _half(rows + at + K // 16 + 2 * s0, mask)
+        dmin = _half(rows + at + K // 16 + K // 128 + 2 * s0, mask)
         return _per_sub(q.to(tl.float32), d * sc, dmin * mn, 32)
     else:  # Q6_K
         hb = tl.load(rows + K // 2 + (k0 // 4 + tl.arange(0, BLOCK_K // 4))[None, :], mask=mask, other=0)
@@ -140,11 +151,14 @@ def ggml_prepack(blocks, ggml_type, in_features):
     if t.type_id not in NATIVE:
         return blocks.clone(memory_format=torch.contiguous_format)
     b = blocks.reshape(-1, t.block_bytes)
-    if t.type_id == Q4_K:
-        q, sc, mn = ggml.q4_k_codes(b)
+    if t.type_id in (Q4_K, Q5_K):
+        q, sc, mn = (ggml.q4_k_codes if t.type_id == Q4_K else ggml.q5_k_codes)(b)
         halves = (b[:, 0:2], b[:, 2:4])
-        low = q
+        low = q & 15
         rest = [sc.to(torch.uint8).reshape(n, -1), mn.to(torch.uint8).reshape(n, -1)]
+        if t.type_id == Q5_K:
+            bits = (q >> 4).reshape(n, k // 8, 8) << torch.arange(8, device=q.device)
+            rest.insert(0, bits.sum(-1).to(torch.uint8))
     else:
         q = ggml.q6_k_codes(b)
         halves = (b[:, 208:210],)
@@ -163,7 +177,7 @@ def ggml_linear(x, packed, ggml_type, out_features, bias=None):
     _check_packed(packed, ggml_type, out_features, k)
     if ggml_type not in NATIVE:
         return reference.ggml_linear(x, packed, ggml_type, out_features, bias)
-    if _use_cuda_gemv(x, packed) and packed.shape[1] % 16 == 0:  # its 16-byte loads need aligned rows
+    if ggml_type in (Q4_K, Q6_K) and _use_cuda_gemv(x, packed) and packed.shape[1] % 16 == 0:  # aligned rows
         return torch.ops.flashgen_cuda.ggml_linear(x, packed, ggml_type, out_features, bias)
     out = _matmul(_rows(x, k), packed.contiguous(), ggml_type, out_features, bias)
     return out.reshape(*x.shape[:-1], out_features)
