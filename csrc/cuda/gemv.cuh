@@ -41,6 +41,26 @@ __device__ __forceinline__ T from_float(float v) {
   }
 }
 
+// fn(c, chunk) for each 16-byte chunk c of `row` this lane owns (c = lane, lane + 32, ... < chunks): kUnroll
+// chunks are loaded (streaming, past L1) before any is used, so more bytes are in flight per SM.
+template <typename F>
+__device__ __forceinline__ void for_each_chunk(const uint8_t* __restrict__ row, int chunks, int lane, F&& fn) {
+  for (int c0 = lane; c0 < chunks; c0 += 32 * kUnroll) {
+    uint4 v[kUnroll];
+#pragma unroll
+    for (int u = 0; u < kUnroll; ++u) {
+      const int c = c0 + 32 * u;
+      v[u] = c < chunks ? __ldcs(reinterpret_cast<const uint4*>(row) + c) : make_uint4(0, 0, 0, 0);
+    }
+#pragma unroll
+    for (int u = 0; u < kUnroll; ++u) {
+      const int c = c0 + 32 * u;
+      if (c >= chunks) break;
+      fn(c, v[u]);
+    }
+  }
+}
+
 // acc[m] += sum_j x[m, k0 + j] w[j] for the M rows of x (row stride K), kCodes weights w (a multiple of 8).
 template <typename T, int kCodes>
 __device__ __forceinline__ void accumulate_rows(const T* __restrict__ x, int M, int K, int k0, const float* w,

@@ -69,26 +69,14 @@ __global__ void __launch_bounds__(kWarpsPerBlock * 32)
   const int n = blockIdx.x * kWarpsPerBlock + threadIdx.x / 32;
   if (n >= N) return;
   const uint8_t* row = packed + n * R;
-  const int chunks = K / 32;
   float acc[kMaxRows];
 #pragma unroll
   for (int m = 0; m < kMaxRows; ++m) acc[m] = 0.f;
-  for (int c0 = lane; c0 < chunks; c0 += 32 * kUnroll) {
-    uint4 codes[kUnroll];
-#pragma unroll
-    for (int u = 0; u < kUnroll; ++u) {
-      const int c = c0 + 32 * u;
-      codes[u] = c < chunks ? __ldcs(reinterpret_cast<const uint4*>(row) + c) : make_uint4(0, 0, 0, 0);
-    }
-#pragma unroll
-    for (int u = 0; u < kUnroll; ++u) {
-      const int c = c0 + 32 * u;
-      if (c >= chunks) break;
-      float w[32];
-      dequantize<TYPE>(row, K, c, codes[u], w);
-      accumulate_rows<T, 32>(x, M, K, 32 * c, w, acc);
-    }
-  }
+  for_each_chunk(row, K / 32, lane, [&](int c, const uint4& codes) {
+    float w[32];
+    dequantize<TYPE>(row, K, c, codes, w);
+    accumulate_rows<T, 32>(x, M, K, 32 * c, w, acc);
+  });
   store_rows<T>(acc, M, N, n, 1.f, bias, out);
 }
 

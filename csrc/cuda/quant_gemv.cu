@@ -68,25 +68,13 @@ __global__ void __launch_bounds__(kWarpsPerBlock * 32)
 #pragma unroll
   for (int m = 0; m < kMaxRows; ++m) acc[m] = 0.f;
 
-  // kUnroll chunks in flight per lane before any math: more bytes outstanding per SM for the memory system.
-  for (int c0 = lane; c0 < chunks; c0 += 32 * kUnroll) {
-    uint4 packed[kUnroll];
-#pragma unroll
-    for (int u = 0; u < kUnroll; ++u) {
-      const int c = c0 + 32 * u;
-      packed[u] = c < chunks ? __ldcs(reinterpret_cast<const uint4*>(wrow) + c) : make_uint4(0, 0, 0, 0);
-    }
-#pragma unroll
-    for (int u = 0; u < kUnroll; ++u) {
-      const int c = c0 + 32 * u;
-      if (c >= chunks) break;
-      const int k0 = c * C::kCodes;
-      const int gi = group ? k0 / group : 0;
-      float w[C::kCodes];
-      C::dequantize(packed[u], group ? __ldg(srow + gi) : 1.f, INT4 ? __ldg(orow + gi) : 0.f, group != 0, w);
-      accumulate_rows<T, C::kCodes>(x, M, K, k0, w, acc);
-    }
-  }
+  for_each_chunk(wrow, chunks, lane, [&](int c, const uint4& packed) {
+    const int k0 = c * C::kCodes;
+    const int gi = group ? k0 / group : 0;
+    float w[C::kCodes];
+    C::dequantize(packed, group ? __ldg(srow + gi) : 1.f, INT4 ? __ldg(orow + gi) : 0.f, group != 0, w);
+    accumulate_rows<T, C::kCodes>(x, M, K, k0, w, acc);
+  });
   store_rows<T>(acc, M, N, n, group ? 1.f : __ldg(scales + n), bias, out);
 }
 
