@@ -18,20 +18,19 @@ class ModelRunner:
         """step: [(sequence, n)]. Returns (sequences to sample, their logits float32 (len, V))."""
         width = max(len(seq.block_table) for seq, _ in step)
         table = torch.zeros(len(step), width, dtype=torch.int32)
+        for b, (seq, _) in enumerate(step):
+            table[b, :len(seq.block_table)] = torch.tensor(seq.block_table, dtype=torch.int32)
         if self.graphs is not None and len(step) <= self.graphs.max_batch and all(
                 n == 1 and seq.num_computed + 1 == seq.num_tokens for seq, n in step):
-            for b, (seq, _) in enumerate(step):
-                table[b, :len(seq.block_table)] = torch.tensor(seq.block_table, dtype=torch.int32)
             seqs = [seq for seq, _ in step]
             logits = self.graphs.run([s.token_ids[s.num_computed] for s in seqs], [s.num_computed for s in seqs],
                                      table.to(self.device))
             return seqs, logits
         tokens, cu, cached, rows, sample = [], [0], [], [], []
-        for b, (seq, n) in enumerate(step):
+        for seq, n in step:
             tokens.extend(seq.token_ids[seq.num_computed:seq.num_computed + n])
             cached.append(seq.num_computed)
             cu.append(cu[-1] + n)
-            table[b, :len(seq.block_table)] = torch.tensor(seq.block_table, dtype=torch.int32)
             if seq.num_computed + n == seq.num_tokens:
                 rows.append(cu[-1] - 1)
                 sample.append(seq)
