@@ -161,3 +161,8 @@ def test_missing_peft_is_a_clear_import_error(monkeypatch):
     monkeypatch.setitem(sys.modules, "peft", None)
     with pytest.raises(ImportError, match="pip install peft"):
         qlora.get_qlora_model(nn.Sequential(), None)
+
+
+def test_all_linear_without_quantized_layers_is_a_clear_error():
+    with pytest.raises(ValueError, match="found no flashgen QuantizedLinear"):
+        get_qlora_model(nn.Sequential(nn.Linear(4, 4)), _config())

@@ -87,4 +87,8 @@ def get_qlora_model(model, lora_config, **kwargs):
         head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
         lora_config.target_modules = {name.rpartition(".")[2] for name, m in model.named_modules()
                                       if isinstance(m, QuantizedLinear) and m is not head}
+        if not lora_config.target_modules:
+            raise ValueError("target_modules='all-linear' found no flashgen QuantizedLinear in the model (besides "
+                             "the output head): quantize it first, e.g. flashgen.kernels.quantize_model(model, "
+                             "'int4', skip=['lm_head'])")
     return peft.get_peft_model(model, register_qlora(lora_config), **kwargs)
