@@ -48,7 +48,8 @@ def int8_linear_dynamic(x, qweight, bias=None):
 
 def ggml_linear(x, qweight, bias=None):
     """y = x W^T + bias for a QuantizedWeight W in a GGML block format (Q4_K, Q6_K, ...: kernels/ggml.py). On the
-    CPU x is rounded to int8 per block of 32 features, as for int4_linear."""
+    CPU x is rounded to int8 per super-block of the type (256 features for K-quants and IQ4_XS, as llama.cpp's
+    Q8_K; 32 for Q5_0 / Q5_1 / IQ4_NL), otherwise as for int4_linear."""
     w = _weight(qweight, "ggml")
     return w.format.linear(x, w, bias, w.format.name)
 

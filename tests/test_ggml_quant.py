@@ -43,10 +43,11 @@ def test_cpu_prepack_is_lossless(name):
     assert torch.equal(full, w.dequantize(torch.float32))
 
 
-def rounded_activations(x):
-    """x rounded as the CPU kernels round it: per block of 32, d = max|x| / 127, a = round(x * 127 / max|x|)."""
+def rounded_activations(x, block=32):
+    """x rounded as the CPU kernels round it: per block (32, or a GGML type's super-block), d = max|x| / 127,
+    a = round(x * 127 / max|x|)."""
     m, k = x.shape
-    blocks = x.reshape(m, k // 32, 32)
+    blocks = x.reshape(m, k // block, block)
     amax = blocks.abs().amax(-1, keepdim=True)
     # torch's `127 / t` is 127 * (1 / t), rounded twice: divide as the kernels do
     inv = torch.where(amax > 0, torch.full_like(amax, 127) / amax, torch.zeros_like(amax))
@@ -70,12 +71,13 @@ def test_linear_matches_float64_product_of_rounded_activations(name, isa, monkey
     for m in (1, 3, 4, 5, 8, 70):  # one row, partial and whole row steps, past one chunk of 64 rows
         x = torch.randn(m, k)
         y = ggml_linear(x, w, bias)
-        want = rounded_activations(x).double() @ dense.T + bias.double()
-        scale = rounded_activations(x).double().abs() @ dense.abs().T + 1e-6
+        rounded = rounded_activations(x, t.block).double()  # per super-block, as llama.cpp's Q8_K / Q8_0
+        want = rounded @ dense.T + bias.double()
+        scale = rounded.abs() @ dense.abs().T + 1e-6
         err = ((y.double() - want).abs() / scale).max().item()
         assert err < 1e-5, f"{name} {isa} m={m}: relative error {err}"
         # and against the exact float product, within the activation rounding bound sum_k |W| d / 2
-        d = x.reshape(m, -1, 32).abs().amax(-1).repeat_interleave(32, 1).double() / 127
+        d = x.reshape(m, -1, t.block).abs().amax(-1).repeat_interleave(t.block, 1).double() / 127
         bound = (d / 2) @ dense.abs().T * 1.001 + 1e-4
         assert ((y.double() - (x.double() @ dense.T + bias.double())).abs() <= bound).all()
 

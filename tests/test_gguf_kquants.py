@@ -107,13 +107,32 @@ def test_weights_stay_in_their_blocks(kquant_file):
     assert torch.equal(down.dequantize(torch.float32), want)
 
 
-def round_linear_inputs(model):
-    """The float model's linears round their inputs as the CPU kernels do (int8 per block of 32), so it computes
-    what the native kernels compute, up to float32 accumulation order."""
-    for module in model.modules():
+def activation_blocks(native):
+    """Per linear of a natively loaded model, its parts' (out_features, activation block): the CPU kernels round a
+    GGML type's inputs per super-block (32 or 256), int4 / int8 ones per 32."""
+    blocks = {}
+    for name, module in native.named_modules():
+        if isinstance(module, (QuantizedLinear, StackedLinear)):
+            parts = module.parts if isinstance(module, StackedLinear) else [module]
+            types = [ggml.BLOCK_TYPES.get(p.weight.format.name) for p in parts]
+            blocks.setdefault(name, [(p.out_features, t.block if t else 32) for p, t in zip(parts, types)])
+    return blocks
+
+
+def round_linear_inputs(model, blocks):
+    """The float model's linears round their inputs as the CPU kernels do, part by part of a fused projection, so
+    it computes what the native kernels compute, up to float32 accumulation order."""
+    def forward(x, m, parts):
+        flat = x.reshape(-1, x.shape[-1])
+        rows = torch.split(torch.arange(m.out_features), [n for n, _ in parts])
+        ys = [torch.nn.functional.linear(rounded_activations(flat, block), m.weight[r], None if m.bias is None
+                                         else m.bias[r]) for r, (_, block) in zip(rows, parts)]
+        return torch.cat(ys, -1).reshape(*x.shape[:-1], -1)
+
+    for name, module in model.named_modules():
         if isinstance(module, torch.nn.Linear):
-            module.forward = lambda x, m=module: torch.nn.functional.linear(
-                rounded_activations(x.reshape(-1, x.shape[-1])).reshape(x.shape), m.weight, m.bias)
+            parts = blocks.get(name, [(module.out_features, 32)])
+            module.forward = lambda x, m=module, p=parts: forward(x, m, p)
     return model
 
 
@@ -121,7 +140,7 @@ def round_linear_inputs(model):
 def test_greedy_equals_the_dequantized_model(kquant_file, cpp):
     path, _ = kquant_file
     native = load_model(path, max_seq_len=48).model
-    floats = round_linear_inputs(load_model(path, max_seq_len=48, quant="none").model)
+    floats = round_linear_inputs(load_model(path, max_seq_len=48, quant="none").model, activation_blocks(native))
     native.cpp_step, native._cpp_step = cpp, None
     floats.cpp_step, floats._cpp_step = False, None
     prompt = torch.tensor([[5, 17, 99, 3, 42, 8, 250, 11, 7]])

@@ -1,10 +1,13 @@
-// GEMM kernels over the GGML tiles of ggml.h: int8 activations (per block of 32, quant.h) x GGML codes.
+// GEMM kernels over the GGML tiles of ggml.h: int8 activations x GGML codes.
 //
-// Per super-block, tile row n and activation row r, with x' = d_a a the rounded activations and xs_j the sum of
-// x' over sub-block j:
-//   y[r, n] += d[n] * sum_j sc[n, j] * (d_a * dot_j(a, q[n]) - zero * xs_j) - dmin[n] * sum_j mn[n, j] * xs_j
-// The integer dot products run on unsigned codes (vpdpbusd, or maddubs on AVX2, whose int16 pair sums are added
-// in int16 for as many groups as the code width allows), the rest in float32 once per sub-block. A tile-block's codes are
+// Activations are rounded to int8 per super-block of S features, as llama.cpp rounds them for K-quants (Q8_K) and
+// per 32 for the others (Q8_0): x' = d_a a, with is_j the integer sum of a over sub-block j. Per super-block,
+// tile row n and activation row r:
+//   y[r, n] += d[n] d_a * (sum_j sc[n, j] * (dot_j(a, q[n]) - zero * is_j)) - dmin[n] d_a * sum_j mn[n, j] is_j
+// The AVX2 kernel keeps the whole bracket in int32: maddubs of unsigned codes by signed activations (int16 pair
+// sums added in int16 for as many groups as the code width allows), then madd by the sub-block scales, and the
+// zero and min terms as one madd per pair of sub-blocks against the activation sums; the float work is once
+// per super-block. The VNNI kernel scales each sub-block's vpdpbusd sums in float32. A tile-block's codes are
 // unpacked once per call into 8 vectors of 4 features x 16 rows and serve the call's R activation rows.
 #include <immintrin.h>
 
@@ -18,12 +21,6 @@ namespace flashgen::cpu::quant::ggml {
 namespace {
 
 constexpr int kVnniRows = 4, kAvx2Rows = 4;
-
-// Sum of the rounded activations over sub-block j of `sub` features (xsum holds one per 16).
-inline float sub_sum(const QuantActs& x, int r, int64_t first16, int sub) {
-  const float* s = x.xsum + r * x.xsum_stride + first16;
-  return sub == 16 ? s[0] : s[0] + s[1];
-}
 
 // ---------------------------------------------------------------- AVX-512 VNNI
 // Codes of a tile-block: q[g] holds features 4g .. 4g + 3 of the 16 rows.
@@ -75,7 +72,7 @@ inline constexpr int kLutZero = 128;
 template <int KI, int R>
 FLASHGEN_AVX512_VNNI void tile_vnni(const QuantActs& x, const uint8_t* w, int64_t sbs, float* out, int64_t ldo) {
   constexpr Kind kd = kKinds[KI];
-  constexpr int nb = kd.super / kBlock, halves = kBlock / kd.sub, gps = kd.sub / 4;
+  constexpr int nb = kd.super / kBlock, halves = kBlock / kd.sub, gps = kd.sub / 4, subs = kd.super / kd.sub;
   constexpr int zero = kd.lut ? kLutZero : kd.zero;
   alignas(16) uint8_t lut_bytes[16];
   for (int i = 0; i < 16; ++i) lut_bytes[i] = static_cast<uint8_t>(kIq4Values[i] + kLutZero);
@@ -107,20 +104,19 @@ FLASHGEN_AVX512_VNNI void tile_vnni(const QuantActs& x, const uint8_t* w, int64_
           const int8_t* a = x.a + r * x.a_stride + blk * kBlock;
           __m512i id = _mm512_setzero_si512();
           for (int g = h * gps; g < (h + 1) * gps; ++g) id = _mm512_dpbusd_epi32(id, q[g], _mm512_set1_epi32(load4(a + 4 * g)));
-          const float xs = sub_sum(x, r, blk * 2 + h, kd.sub);
-          const __m512 da = _mm512_set1_ps(x.d[r * x.d_stride + blk]);
-          const __m512 t = zero ? _mm512_fmsub_ps(_mm512_cvtepi32_ps(id), da, _mm512_set1_ps(zero * xs))
-                                : _mm512_mul_ps(_mm512_cvtepi32_ps(id), da);
+          const float is = x.isum[r * x.isum_stride + s * subs + j];
+          const __m512 t = zero ? _mm512_sub_ps(_mm512_cvtepi32_ps(id), _mm512_set1_ps(zero * is)) : _mm512_cvtepi32_ps(id);
           sacc[r] = kd.scales ? _mm512_fmadd_ps(t, scf, sacc[r]) : _mm512_add_ps(t, sacc[r]);
-          if constexpr (kd.mins) macc[r] = _mm512_fmadd_ps(mnf, _mm512_set1_ps(xs), macc[r]);
+          if constexpr (kd.mins) macc[r] = _mm512_fmadd_ps(mnf, _mm512_set1_ps(is), macc[r]);
         }
       }
     }
     const __m512 d = halfx16(p + kd.d_offset());
     const __m512 dmin = kd.mins ? halfx16(p + kd.dmin_offset()) : _mm512_setzero_ps();
     for (int r = 0; r < R; ++r) {
-      acc[r] = _mm512_fmadd_ps(d, sacc[r], acc[r]);
-      if constexpr (kd.mins) acc[r] = _mm512_fnmadd_ps(dmin, macc[r], acc[r]);
+      const __m512 da = _mm512_set1_ps(x.d[r * x.d_stride + s]);
+      acc[r] = _mm512_fmadd_ps(_mm512_mul_ps(d, da), sacc[r], acc[r]);
+      if constexpr (kd.mins) acc[r] = _mm512_fnmadd_ps(_mm512_mul_ps(dmin, da), macc[r], acc[r]);
     }
   }
   for (int r = 0; r < R; ++r) _mm512_storeu_ps(out + r * ldo, acc[r]);
@@ -128,6 +124,7 @@ FLASHGEN_AVX512_VNNI void tile_vnni(const QuantActs& x, const uint8_t* w, int64_
 
 // ---------------------------------------------------------------- AVX2 (each 256-bit half: 8 rows)
 inline __m256i load256(const uint8_t* p) { return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)); }
+inline __m128i load64(const uint8_t* p) { return _mm_loadl_epi64(reinterpret_cast<const __m128i*>(p)); }
 
 template <int KI>
 inline void unpack256(const uint8_t* c, __m256i q[8]) {
@@ -161,13 +158,22 @@ inline void unpack256(const uint8_t* c, __m256i q[8]) {
   }
 }
 
-inline __m256 int8x8(const uint8_t* p) {
-  return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p))));
-}
-inline __m256 uint8x8(const uint8_t* p) {
-  return _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p))));
-}
 inline __m256 halfx8(const uint8_t* p) { return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))); }
+
+// Sub-block j's scales (int8) and mins (uint8) of the 8 rows of half rh, one byte per row.
+template <int KI>
+inline __m128i scales8(const uint8_t* p, int j, int rh) {
+  constexpr Kind kd = kKinds[KI];
+  if constexpr (!kd.scales) return _mm_set1_epi8(1);
+  const __m128i raw = load64(p + kd.sc_offset() + j * kTileRows + rh * 8);
+  return kd.nibble_scales ? _mm_and_si128(raw, _mm_set1_epi8(0xF)) : raw;
+}
+template <int KI>
+inline __m128i mins8(const uint8_t* p, int j, int rh) {
+  constexpr Kind kd = kKinds[KI];
+  const __m128i raw = load64(p + kd.mn_offset() + j * kTileRows + rh * 8);
+  return kd.nibble_scales ? _mm_and_si128(_mm_srli_epi16(raw, 4), _mm_set1_epi8(0xF)) : raw;
+}
 
 // maddubs lanes of a run of groups summed in int16: each lane adds 2 products of at most max_code * 127.
 constexpr int run16(const Kind& kd, int gps) {
@@ -181,37 +187,27 @@ template <int KI, int R>
 void tile_avx2(const QuantActs& x, const uint8_t* w, int64_t sbs, float* out, int64_t ldo) {
   constexpr Kind kd = kKinds[KI];
   constexpr int nb = kd.super / kBlock, halves = kBlock / kd.sub, gps = kd.sub / 4, run = run16(kd, gps);
-  const __m256i ones = _mm256_set1_epi16(1);
+  constexpr int subs = kd.super / kd.sub;
+  static_assert(!(kd.zero && kd.mins), "the offset term is either the zero's or the mins'");
   const __m256i lut = _mm256_broadcastsi128_si256(_mm_loadu_si128(reinterpret_cast<const __m128i*>(kIq4Values)));
   for (int rh = 0; rh < 2; ++rh) {  // rows 0-7, then 8-15 of the tile
     __m256 acc[R];
     for (int r = 0; r < R; ++r) acc[r] = _mm256_setzero_ps();
     for (int64_t s = 0; s < sbs; ++s) {
       const uint8_t* p = w + s * kd.tile_bytes();
-      __m256 sacc[R], macc[R];
-      for (int r = 0; r < R; ++r) sacc[r] = _mm256_setzero_ps(), macc[r] = _mm256_setzero_ps();
+      __m256i dot[R];  // sum_j sc_j dot_j, int32 per row
+      for (int r = 0; r < R; ++r) dot[r] = _mm256_setzero_si256();
       for (int b = 0; b < nb; ++b) {
         __m256i q[8], qs[8];  // qs: for the IQ4 table's signed values v, |v| in q and sign(v) in qs (maddubs
                               // multiplies unsigned by signed bytes)
         unpack256<KI>(p + b * kd.code_bytes() + rh * 32, q);
         if constexpr (kd.lut)
           for (int g = 0; g < 8; ++g) qs[g] = _mm256_shuffle_epi8(lut, q[g]), q[g] = _mm256_abs_epi8(qs[g]);
-        const int64_t blk = s * nb + b;
         for (int h = 0; h < halves; ++h) {
-          const int j = b * halves + h;
-          __m256 scf = _mm256_setzero_ps(), mnf = _mm256_setzero_ps();
-          if constexpr (kd.nibble_scales) {
-            const __m256i raw = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p + kd.sc_offset() + j * kTileRows + rh * 8)));
-            scf = _mm256_cvtepi32_ps(_mm256_and_si256(raw, _mm256_set1_epi32(0xF)));
-            mnf = _mm256_cvtepi32_ps(_mm256_srli_epi32(raw, 4));
-          } else {
-            if constexpr (kd.scales) scf = int8x8(p + kd.sc_offset() + j * kTileRows + rh * 8);
-            if constexpr (kd.mins) mnf = uint8x8(p + kd.mn_offset() + j * kTileRows + rh * 8);
-          }
+          const __m128i sc8 = scales8<KI>(p, b * halves + h, rh);
+          const __m256i sc16 = _mm256_cvtepi8_epi16(_mm_unpacklo_epi8(sc8, sc8));  // (sc, sc) per row
           for (int r = 0; r < R; ++r) {
-            const int8_t* a = x.a + r * x.a_stride + blk * kBlock;
-            // int16 pair sums of up to `run` maddubs stay exact (kRun16), then widen to int32 once per run
-            __m256i id = _mm256_setzero_si256();
+            const int8_t* a = x.a + r * x.a_stride + (s * nb + b) * kBlock;
             for (int g0 = h * gps; g0 < (h + 1) * gps; g0 += run) {
               __m256i s16 = _mm256_setzero_si256();
               for (int g = g0; g < g0 + run; ++g) {
@@ -219,22 +215,35 @@ void tile_avx2(const QuantActs& x, const uint8_t* w, int64_t sbs, float* out, in
                 if constexpr (kd.lut) av = _mm256_sign_epi8(av, qs[g]);
                 s16 = _mm256_add_epi16(s16, _mm256_maddubs_epi16(q[g], av));
               }
-              id = _mm256_add_epi32(id, _mm256_madd_epi16(s16, ones));
+              dot[r] = _mm256_add_epi32(dot[r], _mm256_madd_epi16(s16, sc16));
             }
-            const float xs = sub_sum(x, r, blk * 2 + h, kd.sub);
-            const __m256 da = _mm256_set1_ps(x.d[r * x.d_stride + blk]);
-            const __m256 t = kd.zero ? _mm256_fmsub_ps(_mm256_cvtepi32_ps(id), da, _mm256_set1_ps(kd.zero * xs))
-                                     : _mm256_mul_ps(_mm256_cvtepi32_ps(id), da);
-            sacc[r] = kd.scales ? _mm256_fmadd_ps(t, scf, sacc[r]) : _mm256_add_ps(t, sacc[r]);
-            if constexpr (kd.mins) macc[r] = _mm256_fmadd_ps(mnf, _mm256_set1_ps(xs), macc[r]);
+          }
+        }
+      }
+      // sum_j c_j is_j with c the scales (zero term) or the mins, by pairs of sub-blocks: (c_j, c_j+1) per row
+      // against the activation sums (is_j, is_j+1)
+      __m256i off[R];
+      for (int r = 0; r < R; ++r) off[r] = _mm256_setzero_si256();
+      if constexpr (kd.zero || kd.mins) {
+        auto coef = [&](int j) { return kd.mins ? mins8<KI>(p, j, rh) : scales8<KI>(p, j, rh); };
+        for (int j = 0; j < subs; j += 2) {
+          const __m128i c8 = _mm_unpacklo_epi8(coef(j), subs > 1 ? coef(j + 1) : _mm_setzero_si128());
+          const __m256i c16 = kd.mins ? _mm256_cvtepu8_epi16(c8) : _mm256_cvtepi8_epi16(c8);
+          for (int r = 0; r < R; ++r) {
+            const int16_t* is = x.isum + r * x.isum_stride + s * subs + j;
+            const int32_t pair = subs > 1 ? (uint16_t(is[0]) | int32_t(is[1]) << 16) : uint16_t(is[0]);
+            off[r] = _mm256_add_epi32(off[r], _mm256_madd_epi16(c16, _mm256_set1_epi32(pair)));
           }
         }
       }
       const __m256 d = halfx8(p + kd.d_offset() + rh * 16);
       const __m256 dmin = kd.mins ? halfx8(p + kd.dmin_offset() + rh * 16) : _mm256_setzero_ps();
       for (int r = 0; r < R; ++r) {
-        acc[r] = _mm256_fmadd_ps(d, sacc[r], acc[r]);
-        if constexpr (kd.mins) acc[r] = _mm256_fnmadd_ps(dmin, macc[r], acc[r]);
+        const __m256 da = _mm256_set1_ps(x.d[r * x.d_stride + s]);
+        __m256i v = dot[r];
+        if constexpr (kd.zero) v = _mm256_sub_epi32(v, _mm256_mullo_epi32(off[r], _mm256_set1_epi32(kd.zero)));
+        acc[r] = _mm256_fmadd_ps(_mm256_mul_ps(d, da), _mm256_cvtepi32_ps(v), acc[r]);
+        if constexpr (kd.mins) acc[r] = _mm256_fnmadd_ps(_mm256_mul_ps(dmin, da), _mm256_cvtepi32_ps(off[r]), acc[r]);
       }
     }
     for (int r = 0; r < R; ++r) _mm256_storeu_ps(out + r * ldo + rh * 8, acc[r]);
@@ -258,17 +267,18 @@ void gemm(const QuantActs& x, int64_t m, const uint8_t* w, int64_t n, int64_t k,
 void linear_rows(const float* x, int64_t m, int64_t k, const at::Tensor& packed, int64_t type, int64_t n, float* y,
                  ActScratch& scratch) {
   if (m == 0) return;
-  const int64_t kb = k / kBlock, k16 = k / 16;
-  QuantActs acts = quantize_acts_into(x, m, k, kb, false, 0, scratch.a(m, k), scratch.d(m * kb), nullptr);
-  float* xs = scratch.xsum(m * k16);
-  for (int64_t r = 0; r < m; ++r)  // sums of x' = d a per 16 features (the zero and min terms)
-    for (int64_t i = 0; i < k16; ++i) {
-      const int8_t* a = acts.a + r * acts.a_stride + i * 16;
+  const Kind& kd = kind_of(type, "ggml::linear_rows");
+  const int64_t sbs = k / kd.super, subs = k / kd.sub;
+  QuantActs acts = quantize_acts_into(x, m, k, kd.super, sbs, false, 0, scratch.a(m, k), scratch.d(m * sbs), nullptr);
+  int16_t* is = scratch.isum(m * subs);
+  for (int64_t r = 0; r < m; ++r)  // |is| <= 32 * 127
+    for (int64_t j = 0; j < subs; ++j) {
+      const int8_t* a = acts.a + r * acts.a_stride + j * kd.sub;
       int32_t sum = 0;
-      for (int e = 0; e < 16; ++e) sum += a[e];
-      xs[r * k16 + i] = acts.d[r * acts.d_stride + i / 2] * static_cast<float>(sum);
+      for (int e = 0; e < kd.sub; ++e) sum += a[e];
+      is[r * subs + j] = static_cast<int16_t>(sum);
     }
-  acts.xsum = xs, acts.xsum_stride = k16;
+  acts.isum = is, acts.isum_stride = subs;
   with_kind(type, [&](auto KI) { gemm<KI()>(acts, m, packed.data_ptr<uint8_t>(), n, k, y, use_vnni()); });
 }
 

@@ -36,20 +36,24 @@ constexpr int64_t kInt8CodeBytes = 512;
 inline int64_t tiles(int64_t n) { return (n + kTileRows - 1) / kTileRows; }
 inline int64_t blocks(int64_t k) { return (k + kBlock - 1) / kBlock; }
 
-// Activations quantized to int8 per block of 32 features (blocks past K zero-padded):
-// a (M, Kb*32) int8, d (M, Kb) float32 block scales (x ~= d * a); for int4 also xsum (M, K/g), the sum of
-// d * a over each weight group (for the offset term m * sum x).
+// Activations quantized to int8 per block of 32 features (blocks past K zero-padded), or per GGML super-block:
+// a (M, Kb*32) int8, d (M, K / block) float32 block scales (x ~= d * a); for int4 also xsum (M, K/g), the sum of
+// d * a over each weight group (for the offset term m * sum x); for GGML types isum (M, K / sub), the integer
+// sums of a over each sub-block (the zero and min terms).
 struct QuantActs {
   const int8_t* a;
   const float* d;
   const float* xsum;
   int64_t a_stride, d_stride, xsum_stride;
+  const int16_t* isum = nullptr;
+  int64_t isum_stride = 0;
 };
 
 // Rows of float32 activations x (m, k) quantized into caller buffers a (m, Kb*32), d (m, d_cols) and, for
-// group > 0, xsum (m, k / group). per_row: one scale per row (W8A8), copied to all d_cols; else one per block.
-QuantActs quantize_acts_into(const float* x, int64_t m, int64_t k, int64_t d_cols, bool per_row, int64_t group,
-                             int8_t* a, float* d, float* xsum);
+// group > 0, xsum (m, k / group). per_row: one scale per row (W8A8), copied to all d_cols; else one per block
+// of `block` features (32, or a GGML super-block; group > 0 needs 32).
+QuantActs quantize_acts_into(const float* x, int64_t m, int64_t k, int64_t block, int64_t d_cols, bool per_row,
+                             int64_t group, int8_t* a, float* d, float* xsum);
 
 // out (M, N) float32 = activations x packed weights, by the AVX-512 VNNI kernel or the AVX2 one; S, the type of
 // the scales and offsets, is float or at::Half (instantiated in quant_kernels.cpp).
@@ -87,6 +91,7 @@ class ActScratch {
   int8_t* a(int64_t m, int64_t k) { return grow(a_, m * blocks(k) * kBlock); }
   float* d(int64_t count) { return grow(d_, count); }
   float* xsum(int64_t count) { return grow(xsum_, count); }
+  int16_t* isum(int64_t count) { return grow(isum_, count); }
 
  private:
   template <class T>
@@ -96,6 +101,7 @@ class ActScratch {
   }
   std::vector<int8_t> a_;
   std::vector<float> d_, xsum_;
+  std::vector<int16_t> isum_;
 };
 
 // Row `row` of a checked prepacked weight as k float32 values, exactly as the dequantize ops give it (they are

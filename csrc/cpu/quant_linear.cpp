@@ -11,8 +11,9 @@
 //   reference.quantize_rows_int8, so the codes are identical) and the row's products accumulate in int32;
 //   with per-block weight scales each block's int32 sum is scaled and accumulated in float32.
 // - half_linear (float16 / bfloat16 weights kept 16-bit): exact weights, float32 products, x unrounded.
-// - ggml_linear (GGUF block types, ggml.h): x quantized per block of 32 as for int4; the codes' integer products
-//   are scaled per sub-block in float32 (ggml_kernels.cpp), so the same bound holds.
+// - ggml_linear (GGUF block types, ggml.h): x quantized per super-block of the type as llama.cpp does (256 for
+//   the K-quants and IQ4_XS, like Q8_K; 32 otherwise), the codes' products exact (ggml_kernels.cpp), so the same
+//   bound holds with d the scale of the super-block.
 // The result is returned in x's dtype. Threads: OpenMP over output features (tiles of 16).
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
@@ -87,22 +88,24 @@ FLASHGEN_AVX512 inline int32_t quantize_span512(const float* x, int64_t len, int
   return _mm512_reduce_add_epi32(vsum);
 }
 
-// quantize_span over each block of 32 features of a row of k (the last block may be shorter): codes a, scales
-// d and code sums per block.
-void quantize_blocks(const float* x, int64_t k, int8_t* a, float* d, int32_t* sums) {
-  for (int64_t b = 0; b < blocks(k); ++b)
-    sums[b] = quantize_span(x + b * kBlock, std::min(kBlock, k - b * kBlock), a + b * kBlock, d + b);
+// quantize_span over each block of `block` features of a row of k (the last block may be shorter): codes a,
+// scales d and code sums per block.
+void quantize_blocks(const float* x, int64_t k, int64_t block, int8_t* a, float* d, int32_t* sums) {
+  for (int64_t b = 0; b * block < k; ++b)
+    sums[b] = quantize_span(x + b * block, std::min(block, k - b * block), a + b * block, d + b);
 }
 
-FLASHGEN_AVX512 void quantize_blocks512(const float* x, int64_t k, int8_t* a, float* d, int32_t* sums) {
-  for (int64_t b = 0; b < blocks(k); ++b)
-    sums[b] = quantize_span512(x + b * kBlock, std::min(kBlock, k - b * kBlock), a + b * kBlock, d + b);
+FLASHGEN_AVX512 void quantize_blocks512(const float* x, int64_t k, int64_t block, int8_t* a, float* d,
+                                        int32_t* sums) {
+  for (int64_t b = 0; b * block < k; ++b)
+    sums[b] = quantize_span512(x + b * block, std::min(block, k - b * block), a + b * block, d + b);
 }
 
 }  // namespace
 
-QuantActs quantize_acts_into(const float* x, int64_t m, int64_t k, int64_t d_cols, bool per_row, int64_t group,
-                             int8_t* a, float* d, float* xsum) {
+QuantActs quantize_acts_into(const float* x, int64_t m, int64_t k, int64_t block, int64_t d_cols, bool per_row,
+                             int64_t group, int8_t* a, float* d, float* xsum) {
+  TORCH_CHECK(group == 0 || block == kBlock, "quantize_acts_into: weight groups need activation blocks of 32");
   const int64_t kb = blocks(k), groups = group > 0 ? k / group : 0;
   const bool wide = use_vnni();
   const auto quantize = wide ? quantize_span512 : quantize_span;
@@ -118,7 +121,7 @@ QuantActs quantize_acts_into(const float* x, int64_t m, int64_t k, int64_t d_col
         quantize(xr, k, ar, dr);
         std::fill(dr + 1, dr + d_cols, dr[0]);
       } else {
-        quantize_row(xr, k, ar, dr, sums.data());
+        quantize_row(xr, k, block, ar, dr, sums.data());
       }
       // sum of the quantized activations over each weight group (see the file comment)
       for (int64_t i = 0; i < groups; ++i) {
@@ -235,7 +238,7 @@ void half_linear_rows(const float* x, int64_t m, int64_t k, const at::Tensor& w,
 void int4_linear_rows(const float* x, int64_t m, int64_t k, const at::Tensor& qweight, const at::Tensor& scales,
                       const at::Tensor& offsets, int64_t group_size, int64_t n, float* y, ActScratch& scratch) {
   if (m == 0) return;
-  const QuantActs acts = quantize_acts_into(x, m, k, blocks(k), false, group_size, scratch.a(m, k),
+  const QuantActs acts = quantize_acts_into(x, m, k, kBlock, blocks(k), false, group_size, scratch.a(m, k),
                                             scratch.d(m * blocks(k)), scratch.xsum(m * (k / group_size)));
   with_scale_type(scales, [&](auto type) {
     using S = decltype(type);
@@ -250,8 +253,8 @@ void int8_linear_rows(const float* x, int64_t m, int64_t k, const at::Tensor& qw
   const int64_t kb = blocks(k), sblocks = scales.size(1);
   const bool whole_row = dynamic && sblocks == 1 && k <= kMaxWholeRowK;
   const int64_t d_cols = whole_row ? 1 : kb;
-  const QuantActs acts = quantize_acts_into(x, m, k, d_cols, dynamic, 0, scratch.a(m, k), scratch.d(m * d_cols),
-                                            nullptr);
+  const QuantActs acts = quantize_acts_into(x, m, k, kBlock, d_cols, dynamic, 0, scratch.a(m, k),
+                                            scratch.d(m * d_cols), nullptr);
   with_scale_type(scales, [&](auto type) {
     using S = decltype(type);
     int8_gemm(acts, m, qweight.data_ptr<int8_t>(), scales.data_ptr<S>(), sblocks, n, kb, whole_row, y, use_vnni());

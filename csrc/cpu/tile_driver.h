@@ -37,6 +37,7 @@ inline QuantActs offset(const QuantActs& x, int64_t row) {
   y.a += row * x.a_stride;
   y.d += row * x.d_stride;
   if (x.xsum) y.xsum += row * x.xsum_stride;
+  if (x.isum) y.isum += row * x.isum_stride;
   return y;
 }
 
