@@ -1,8 +1,20 @@
 """flashgen kernels: public functions over the `flashgen::*` ops declared in kernels/ops.py."""
 # Run from the repository root, this folder is also importable as a top-level `kernels`, a name transformers
-# probes for the Hugging Face hub package of that name: imported so, it stays empty (flashgen's ops must be
-# declared once, by flashgen.kernels).
-if __name__ == "flashgen.kernels":
+# probes for the Hugging Face hub package of that name: imported so, it hands the name to that package where one
+# is installed, and stays empty otherwise (flashgen's ops must be declared once, by flashgen.kernels).
+if __name__ != "flashgen.kernels":
+    import importlib.machinery
+    import importlib.util
+    import os
+    import sys
+
+    _root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    _spec = importlib.machinery.PathFinder.find_spec(
+        __name__, [p for p in sys.path if os.path.abspath(p or os.curdir) != _root])
+    if _spec is not None:  # the import system returns what sys.modules holds once this file has run
+        sys.modules[__name__] = importlib.util.module_from_spec(_spec)
+        _spec.loader.exec_module(sys.modules[__name__])
+else:
     import torch
 
     from . import _backend, ops  # noqa: F401  (loads the extensions and declares the ops)
