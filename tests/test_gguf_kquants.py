@@ -115,7 +115,7 @@ def activation_blocks(native):
         if isinstance(module, (QuantizedLinear, StackedLinear)):
             parts = module.parts if isinstance(module, StackedLinear) else [module]
             types = [ggml.BLOCK_TYPES.get(p.weight.format.name) for p in parts]
-            blocks.setdefault(name, [(p.out_features, t.block if t else 32) for p, t in zip(parts, types)])
+            blocks[name] = [(p.out_features, t.block if t else 32) for p, t in zip(parts, types)]
     return blocks
 
 
