@@ -58,14 +58,18 @@ def test_step_matches_python_layers(tiny_models, arch, quant):
 @pytest.mark.parametrize("arch", ["llama", "qwen3"])
 def test_step_with_a_16_bit_cache_matches_python_layers(tiny_models, arch, kv_dtype):
     """A float32 model over a 16-bit KV cache: both paths round q, k, v to the cache's dtype before attention, so
-    a last-bit difference upstream can move one rounding (a relative 2^-9 or 2^-12 of that value)."""
+    a last-bit difference upstream can move one rounding (a relative 2^-9 or 2^-12 of that value), and the moves
+    add up over layers and steps. The bound is the FlashAttention rule: against the same model over a float32
+    cache, the C++ step's error is at most twice the Python layers' own, plus a small floor."""
     model = _load(tiny_models, arch, None, batch=2, kv_cache_dtype=kv_dtype)
     assert model.cache.k.dtype == kv_dtype
     vocab = model.config.vocab_size
     prompts, lengths, steps = torch.randint(0, vocab, (2, 11)), torch.tensor([11, 4]), torch.randint(0, vocab, (9, 2))
     ours, _ = _decode_run(model, prompts, lengths, steps, cpp=True)
     ref, _ = _decode_run(model, prompts, lengths, steps, cpp=False)
-    torch.testing.assert_close(ours, ref, atol=2e-3 * ref.abs().max().item(), rtol=0)
+    exact, _ = _decode_run(_load(tiny_models, arch, None, batch=2), prompts, lengths, steps, cpp=False)
+    ref_err, our_err = (ref - exact).abs().max().item(), (ours - exact).abs().max().item()
+    assert our_err <= 2 * ref_err + 1e-4 * exact.abs().max().item(), (our_err, ref_err)
 
 
 def test_avx2_path_in_a_subprocess():

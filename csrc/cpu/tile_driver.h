@@ -3,6 +3,7 @@
 #pragma once
 
 #include <ATen/Parallel.h>
+#include <immintrin.h>
 
 #include <algorithm>
 #include <cstdint>
@@ -17,6 +18,14 @@ namespace flashgen::cpu::quant {
 constexpr int64_t kRowChunk = 64;  // rows whose int8 activations stay in L2 while all tiles stream past
 constexpr int64_t kMinTask = int64_t{1} << 18;  // multiply-adds per thread task (smaller work stays on one thread)
 constexpr int64_t kMinItem = int64_t{1} << 21;  // multiply-adds per work item taken in turn (see run_tiles)
+
+// A tile kernel asks for the weight bytes it reads kPrefetchAhead bytes before it reads them. With the hardware
+// prefetcher alone, one core streamed a GEMV's weights at half its read bandwidth (AVX2, M = 1: Q4_K 8.5 GB/s
+// against 16.5 for a plain sum; 11-13.6 with this).
+constexpr int64_t kPrefetchAhead = 4096;
+inline void prefetch_ahead(const uint8_t* p, int64_t bytes) {
+  for (int64_t i = 0; i < bytes; i += 64) _mm_prefetch(reinterpret_cast<const char*>(p + kPrefetchAhead + i), _MM_HINT_T0);
+}
 
 inline int32_t load4(const int8_t* p) {
   int32_t v;
