@@ -117,7 +117,8 @@ def compile_triton(job):
         src = ASTSource(fn=spec["fn"], signature=spec["signature"], constexprs=spec.get("constexprs", {}),
                         attrs=spec.get("attrs"))
         compiled = triton.compile(src, target=GPUTarget("cuda", cc, 32),
-                                  options={"num_warps": spec["num_warps"], "num_stages": spec["num_stages"]})
+                                  options={"num_warps": spec["num_warps"], "num_stages": spec["num_stages"],
+                                           **spec.get("options", {})})
         with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
             f.write(compiled.asm["cubin"])
             f.flush()

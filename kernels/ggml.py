@@ -24,8 +24,9 @@ class BlockType:
     block_bytes: int
     dequantize: Callable  # uint8 (B, block_bytes) -> float32 (B, block)
     cpu_kernel: bool  # csrc/cpu/ggml.h computes it natively (else a CPU model dequantizes it at load)
-    gpu_kernel: bool = False  # kernels/triton/ggml.py computes it natively (else a GPU model dequantizes it at load)
+    gpu_kernel: bool  # kernels/triton/ggml.py computes it natively (else a GPU model dequantizes it at load)
     half_fields: tuple = ()  # byte offsets of its float16 fields (d, dmin / m) within a block
+    cuda_bytes: int = 0  # bytes per block in the CUDA layout of ggml_prepack (kernels/triton/ggml.py); 0: block_bytes
 
     def row_bytes(self, k):
         return k // self.block * self.block_bytes
@@ -56,14 +57,19 @@ def _per(values, size):
     return values.repeat_interleave(size, dim=1)
 
 
+def q5_0_codes(b):
+    """Q5_0 / Q5_1 blocks (B, 22) / (B, 24) -> codes int64 (B, 32) in [0, 31]: the 5th bits qh (a u32) just
+    before the 16 bytes of nibbles."""
+    at = b.shape[1] - 20
+    return _nibbles(b[:, at + 4:]) | (_bits(_u32(b, at), 32) << 4)
+
+
 def _q5_0(b):  # d, qh[4], qs[16]: w = d (q - 16)
-    q = _nibbles(b[:, 6:]) | (_bits(_u32(b, 2), 32) << 4)
-    return _f16(b, 0) * (q - 16).to(torch.float32)
+    return _f16(b, 0) * (q5_0_codes(b) - 16).to(torch.float32)
 
 
 def _q5_1(b):  # d, m, qh[4], qs[16]: w = d q + m
-    q = _nibbles(b[:, 8:]) | (_bits(_u32(b, 4), 32) << 4)
-    return _f16(b, 0) * q.to(torch.float32) + _f16(b, 2)
+    return _f16(b, 0) * q5_0_codes(b).to(torch.float32) + _f16(b, 2)
 
 
 def _scale_min_k4(s):
@@ -113,21 +119,32 @@ def _two_bit_groups(qs, count):
     return torch.cat([(qs[:, 32 * c:32 * c + 32] >> (2 * j)) & 3 for c in range(count) for j in range(4)], 1)
 
 
-def _q2_k(b):  # scales[16] (scale | min << 4), qs[64], d, dmin
+def q2_k_codes(b):
+    """Q2_K blocks (B, 84) -> codes int64 (B, 256) in [0, 3] and the sub-block scales, mins (B, 16) in [0, 15]."""
     s = b[:, 0:16].to(torch.int64)
-    q = _two_bit_groups(b[:, 16:80], 2)
+    return _two_bit_groups(b[:, 16:80], 2), s & 0xF, s >> 4
+
+
+def _q2_k(b):  # scales[16] (scale | min << 4), qs[64], d, dmin
+    q, sc, mn = q2_k_codes(b)
     d, dmin = _f16(b, 80), _f16(b, 82)
-    return _per(d * (s & 0xF).to(torch.float32), 16) * q.to(torch.float32) - _per(dmin * (s >> 4).to(torch.float32), 16)
+    return _per(d * sc.to(torch.float32), 16) * q.to(torch.float32) - _per(dmin * mn.to(torch.float32), 16)
 
 
-def _q3_k(b):  # hmask[32], qs[64], scales[12] (16 6-bit scales), d: w = d (sc - 32) (q2 + 4 h - 4)
+def q3_k_codes(b):
+    """Q3_K blocks (B, 110) -> codes int64 (B, 256) in [0, 7] (q2 + 4 h; the value is code - 4) and the
+    sub-block scales (B, 16) in [0, 63] (the scale is sc - 32)."""
     s = b[:, 96:108].to(torch.int64)
     i = torch.arange(16, device=b.device)
     sc = ((s[:, i % 8] >> (4 * (i // 8))) & 0xF) | (((s[:, 8 + i % 4] >> (2 * (i // 4))) & 3) << 4)
     hm = b[:, 0:32].to(torch.int64)
     h = torch.cat([(hm >> j) & 1 for j in range(8)], 1)  # value 32 j + l takes bit j of hmask[l]
-    q = _two_bit_groups(b[:, 32:96], 2) + 4 * h - 4
-    return _per(_f16(b, 108) * (sc - 32).to(torch.float32), 16) * q.to(torch.float32)
+    return _two_bit_groups(b[:, 32:96], 2) + 4 * h, sc
+
+
+def _q3_k(b):  # hmask[32], qs[64], scales[12] (16 6-bit scales), d: w = d (sc - 32) (q2 + 4 h - 4)
+    q, sc = q3_k_codes(b)
+    return _per(_f16(b, 108) * (sc - 32).to(torch.float32), 16) * (q - 4).to(torch.float32)
 
 
 def q6_k_codes(b):
@@ -154,29 +171,40 @@ def _iq4(codes):
     return torch.tensor(IQ4_VALUES, dtype=torch.float32, device=codes.device)[codes]
 
 
+def iq4_nl_codes(b):
+    """IQ4_NL blocks (B, 18) -> codes int64 (B, 32) in [0, 15] (indices into IQ4_VALUES)."""
+    return _nibbles(b[:, 2:18])
+
+
 def _iq4_nl(b):  # d, qs[16]: w = d kvalues[q]
-    return _f16(b, 0) * _iq4(_nibbles(b[:, 2:18]))
+    return _f16(b, 0) * _iq4(iq4_nl_codes(b))
 
 
-def _iq4_xs(b):  # d, scales_h u16, scales_l[4], qs[128]: 8 sub-blocks of 32, w = d (ls - 32) kvalues[q]
+def iq4_xs_codes(b):
+    """IQ4_XS blocks (B, 136) -> codes int64 (B, 256) in [0, 15] and the sub-block scales (B, 8) in [0, 63]
+    (the scale is ls - 32)."""
     i = torch.arange(8, device=b.device)
     sl = b[:, 4:8].to(torch.int64)
     sh = b[:, 2:4].contiguous().view(torch.int16).to(torch.int64) & 0xFFFF
     ls = ((sl[:, i // 2] >> (4 * (i % 2))) & 0xF) | (((sh >> (2 * i)) & 3) << 4)
-    q = torch.cat([_nibbles(b[:, 8 + 16 * j:24 + 16 * j]) for j in range(8)], 1)
+    return torch.cat([_nibbles(b[:, 8 + 16 * j:24 + 16 * j]) for j in range(8)], 1), ls
+
+
+def _iq4_xs(b):  # d, scales_h u16, scales_l[4], qs[128]: 8 sub-blocks of 32, w = d (ls - 32) kvalues[q]
+    q, ls = iq4_xs_codes(b)
     return _per(_f16(b, 0) * (ls - 32).to(torch.float32), 32) * _iq4(q)
 
 
 BLOCK_TYPES = {t.name: t for t in (
-    BlockType("Q5_0", 6, 32, 22, _q5_0, True, half_fields=(0,)),
-    BlockType("Q5_1", 7, 32, 24, _q5_1, True, half_fields=(0, 2)),
-    BlockType("Q2_K", 10, 256, 84, _q2_k, True, half_fields=(80, 82)),
-    BlockType("Q3_K", 11, 256, 110, _q3_k, True, half_fields=(108,)),
-    BlockType("Q4_K", 12, 256, 144, _q4_k, True, gpu_kernel=True, half_fields=(0, 2)),
-    BlockType("Q5_K", 13, 256, 176, _q5_k, True, gpu_kernel=True, half_fields=(0, 2)),
-    BlockType("Q6_K", 14, 256, 210, _q6_k, True, gpu_kernel=True, half_fields=(208,)),
-    BlockType("IQ4_NL", 20, 32, 18, _iq4_nl, True, half_fields=(0,)),
-    BlockType("IQ4_XS", 23, 256, 136, _iq4_xs, True, half_fields=(0,)),
+    BlockType("Q5_0", 6, 32, 22, _q5_0, True, True, half_fields=(0,)),
+    BlockType("Q5_1", 7, 32, 24, _q5_1, True, True, half_fields=(0, 2)),
+    BlockType("Q2_K", 10, 256, 84, _q2_k, True, True, half_fields=(80, 82)),
+    BlockType("Q3_K", 11, 256, 110, _q3_k, True, True, half_fields=(108,), cuda_bytes=114),
+    BlockType("Q4_K", 12, 256, 144, _q4_k, True, True, half_fields=(0, 2), cuda_bytes=148),
+    BlockType("Q5_K", 13, 256, 176, _q5_k, True, True, half_fields=(0, 2), cuda_bytes=180),
+    BlockType("Q6_K", 14, 256, 210, _q6_k, True, True, half_fields=(208,)),
+    BlockType("IQ4_NL", 20, 32, 18, _iq4_nl, True, True, half_fields=(0,)),
+    BlockType("IQ4_XS", 23, 256, 136, _iq4_xs, True, True, half_fields=(0,), cuda_bytes=138),
 )}
 BY_ID = {t.type_id: t for t in BLOCK_TYPES.values()}
 
@@ -191,10 +219,9 @@ def block_type(name_or_id):
 
 
 def cuda_row_bytes(type_id, k):
-    """Bytes of one row of K values in the CUDA layout of ggml_prepack (kernels/triton/ggml.py): Q4_K 148 per
-    super-block (its scales unpacked to bytes), Q5_K 180, Q6_K its own 210, other types their file blocks."""
+    """Bytes of one row of K values in the CUDA layout of ggml_prepack (kernels/triton/ggml.py)."""
     t = block_type(type_id)
-    return {"Q4_K": 148 * k // 256, "Q5_K": 180 * k // 256, "Q6_K": 210 * k // 256}.get(t.name, t.row_bytes(k))
+    return k // t.block * (t.cuda_bytes or t.block_bytes)
 
 
 def random_blocks(name, count, generator=None):

@@ -1,5 +1,5 @@
-"""GGML K-quant linears on a real GPU: the Triton Q4_K / Q5_K / Q6_K kernels (the CUDA kernels of flashgen::ggml_*) against
-the float64 product, dequantization bit for bit, and a GGUF model keeping them native on CUDA.
+"""GGML linears on a real GPU: the Triton kernels of every block type (the CUDA kernels of flashgen::ggml_*) against
+the float64 product, dequantization bit for bit, the CUDA C++ Q4_K / Q6_K GEMV, and GGUF types native on CUDA.
 
 Run this folder in its own pytest process (see test_attention_gpu.py)."""
 import os
@@ -19,11 +19,11 @@ pytestmark = pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") == "1",
 def test_kernels_are_registered_and_native_on_cuda():
     for op in ("ggml_prepack", "ggml_linear", "ggml_dequantize"):
         assert _backend.has_kernel(op, "CUDA"), op
-    assert {"Q4_K", "Q5_K", "Q6_K"} <= set(native_types("cuda"))
+    assert set(ggml.BLOCK_TYPES) <= set(native_types("cuda"))
 
 
 @pytest.mark.parametrize("m", [1, 7, 16, 33, 300])
-@pytest.mark.parametrize("name", ["Q4_K", "Q5_K", "Q6_K"])
+@pytest.mark.parametrize("name", list(ggml.BLOCK_TYPES))
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
 def test_linear_matches_the_float64_product(name, m, dtype):
     n, k = 4097, 2048
