@@ -4,9 +4,8 @@ The header is parsed here (gguf-py's reader builds numpy views of every field, w
 tokenizer of 50k entries); the `gguf` package supplies the block type table and the K-quant dequantizers.
 
 Tensors come back in our formats: F32 / F16 / BF16 as torch tensors; the block types asked for (`native`,
-see native_types) as QuantizedWeights without a float round trip (kernels/quant.py `from_gguf`: Q4_0 / Q4_1 /
-Q8_0 as int4 / int8, the others in their own blocks); any other block type dequantized to float32 by
-`gguf.quants`.
+see native_types) as QuantizedWeights over the file's own blocks, without a copy (kernels/quant.py `from_gguf`);
+any other block type dequantized to float32 by `gguf.quants`.
 """
 import mmap
 import os

@@ -54,7 +54,12 @@ def ggml_linear(x, qweight, bias=None):
     return w.format.linear(x, w, bias, w.format.name)
 
 
-_QUANT_BUFFERS = ("qweight", "scales", "offsets")
+def _quant_buffers(w):
+    """A QuantizedWeight's canonical tensors by buffer name: qweight (or its stacked parts qweight_0, qweight_1, ...
+    of file blocks, see QuantizedWeight.qweight), scales, offsets."""
+    parts = w.qweight_parts
+    codes = {"qweight": parts[0]} if len(parts) == 1 else {f"qweight_{i}": t for i, t in enumerate(parts)}
+    return {**codes, "scales": w.scales, "offsets": w.offsets}
 
 
 class _ExactLinear(torch.autograd.Function):
@@ -87,9 +92,11 @@ class _FrozenQuantized(nn.Module):
     @property
     def weight(self):
         w = self._qweight
-        if any(getattr(w, name) is not self._buffers[name] for name in _QUANT_BUFFERS):
-            w = QuantizedWeight(w.format, *(self._buffers[name] for name in _QUANT_BUFFERS), group_size=w.group_size,
-                                shape=w.shape, dtype=w.dtype)
+        names = _quant_buffers(w)
+        if any(t is not self._buffers[name] for name, t in names.items()):
+            parts = [self._buffers[name] for name in names if name.startswith("qweight")]
+            w = QuantizedWeight(w.format, parts if len(parts) > 1 else parts[0], self._buffers["scales"],
+                                self._buffers["offsets"], group_size=w.group_size, shape=w.shape, dtype=w.dtype)
             self._qweight = w
         return w
 
@@ -97,14 +104,16 @@ class _FrozenQuantized(nn.Module):
     def weight(self, w):
         if not isinstance(w, QuantizedWeight):
             raise TypeError(f"weight must be a QuantizedWeight, got {type(w).__name__}")
+        for name in _quant_buffers(self._qweight) if "_qweight" in self.__dict__ else ():
+            del self._buffers[name]
         self._qweight = w
-        for name in _QUANT_BUFFERS:
-            self.register_buffer(name, getattr(w, name), persistent=False)
+        for name, t in _quant_buffers(w).items():
+            self.register_buffer(name, t, persistent=False)
 
     def _apply(self, fn, recurse=True):
         # fn converts a tensor (device and/or dtype); only its device applies to the codes and scales.
-        device = fn(torch.empty(0, device=self.qweight.device)).device
-        frozen = {name: self._buffers.pop(name) for name in _QUANT_BUFFERS}
+        device = fn(torch.empty(0, device=self._qweight.device)).device
+        frozen = {name: self._buffers.pop(name) for name in _quant_buffers(self._qweight)}
         try:
             super()._apply(fn, recurse)
         finally:

@@ -9,8 +9,9 @@ Canonical formats (what a QuantizedWeight stores, the same on every device):
 - int8: `qweight` int8 (N, K); `scales` float32 or float16, (N, 1) per output channel, or (N, K//32) per block of
   32 (GGUF Q8_0):
       w[n, k] = scales[n, k // block] * q[n, k]
-- GGML block types (Q4_K, Q6_K, Q5_0, ... kernels/ggml.py): `qweight` uint8 (N, K / block * block_bytes), the
-  GGUF file's own blocks, lossless and as compact as the file.
+- GGML block types (Q4_K, Q6_K, Q5_0, ... kernels/ggml.py) and GGUF Q4_0 / Q4_1 / Q8_0: `qweight` uint8
+  (N, K / block * block_bytes), the GGUF file's own blocks, lossless and as compact as the file (Q4_0 / Q4_1 /
+  Q8_0 run the int4 / int8 kernels, converted when prepacked).
 - float16 / bfloat16: `qweight` is the 16-bit W (N, K) itself, kept so under float32 activations.
 
 A format is one QuantFormat object of FORMATS (its tensors, checks, dequantizer and kernel ops).
@@ -45,6 +46,7 @@ class QuantFormat:
 
     name = ""
     modes = ()
+    file_blocks = False  # canonical form: one uint8 row of the GGUF file's blocks per output (QuantizedWeight.cat)
 
     def in_features(self, qweight, group_size):
         raise NotImplementedError
@@ -154,6 +156,8 @@ class _Half(QuantFormat):
 class _GGML(QuantFormat):
     """A GGML block type kept in its blocks (kernels/ggml.py): qweight uint8 (N, K / block * block_bytes)."""
 
+    file_blocks = True
+
     def __init__(self, block_type):
         self.block_type = block_type
         self.name, self.modes = block_type.name, (block_type.name,)
@@ -184,7 +188,45 @@ class _GGML(QuantFormat):
         return "ggml", self.block_type.type_id
 
 
-FORMATS = {f.name: f for f in (_Int4(), _Int8(), _Half(torch.float16), _Half(torch.bfloat16),
+class _GGUFInt(QuantFormat):
+    """GGUF Q4_0 / Q4_1 / Q8_0 kept in the file's blocks (qweight uint8 (N, K / 32 * block_bytes), a view of the
+    file when loaded from one) and computed by the int4 / int8 kernels (group 32): each prepack converts the
+    blocks to those codes (`gguf_to_int`, losslessly) and prepacks them, so of a loaded model only the kernels'
+    layout stays in memory. group_size is 32, the block."""
+
+    file_blocks = True
+
+    def __init__(self, name, block_bytes, base):
+        self.name, self.modes, self.block_bytes, self.base = name, (name,), block_bytes, base
+
+    def in_features(self, qweight, group_size):
+        return qweight.shape[1] // self.block_bytes * 32
+
+    def check(self, w):
+        if w.scales is not None or w.offsets is not None or w.group_size != 32:
+            raise ValueError(f"{self.name} weights keep their scales in blocks of 32: scales and offsets must be "
+                             f"None and group_size 32, got group_size {w.group_size}")
+        _expect(w.qweight, "qweight", torch.uint8, (w.out_features, w.in_features // 32 * self.block_bytes))
+
+    def tensors(self, w):
+        return (w.qweight,)
+
+    def dequantize(self, w, dtype):
+        return gguf_to_int(w).dequantize(dtype)
+
+    def prepack(self, w):
+        return self.base.prepack(gguf_to_int(w))
+
+    def linear(self, x, w, bias, mode):
+        return self.base.linear(x, w, bias, self.base.modes[0])
+
+    def cpu_linear(self, w, mode):
+        return self.base.cpu_linear(w, self.base.modes[0])
+
+
+_INT4, _INT8 = _Int4(), _Int8()
+FORMATS = {f.name: f for f in (_INT4, _INT8, _Half(torch.float16), _Half(torch.bfloat16),
+                                _GGUFInt("Q4_0", 18, _INT4), _GGUFInt("Q4_1", 20, _INT4), _GGUFInt("Q8_0", 34, _INT8),
                                 *(_GGML(t) for t in ggml.BLOCK_TYPES.values()))}
 
 
@@ -208,16 +250,34 @@ class QuantizedWeight:
 
     def __init__(self, format, qweight, scales=None, offsets=None, group_size=None, shape=None, dtype=torch.float32):
         self.format = quant_format(format)
-        if not isinstance(qweight, torch.Tensor) or qweight.dim() != 2:
-            raise TypeError(f"qweight must be a 2-D tensor, got {getattr(qweight, 'shape', type(qweight).__name__)}")
-        n, k = qweight.shape[0], self.format.in_features(qweight, group_size)
+        rows = tuple(qweight) if isinstance(qweight, (tuple, list)) and self.format.file_blocks else (qweight,)
+        if not rows or not all(isinstance(t, torch.Tensor) and t.dim() == 2 for t in rows):
+            raise TypeError(f"qweight must be a 2-D tensor (or, for file blocks, a sequence of them), got "
+                            f"{getattr(qweight, 'shape', type(qweight).__name__)}")
+        if any(t.shape[1] != rows[0].shape[1] for t in rows):
+            raise ValueError(f"qweight parts must have rows of one length, got {[tuple(t.shape) for t in rows]}")
+        n, k = sum(t.shape[0] for t in rows), self.format.in_features(rows[0], group_size)
         shape = tuple(shape) if shape is not None else (n, k)
         if shape != (n, k):
-            raise ValueError(f"shape {shape} does not match qweight {tuple(qweight.shape)} for {self.format.name} codes")
-        self.qweight, self.scales, self.offsets = qweight, scales, offsets
+            raise ValueError(f"shape {shape} does not match qweight {(n, rows[0].shape[1])} for {self.format.name} "
+                             f"codes")
+        self._parts = rows
+        self.scales, self.offsets = scales, offsets
         self.group_size, self.shape, self.dtype = group_size, shape, dtype
         self.format.check(self)
         self._packed = {}
+
+    @property
+    def qweight(self):
+        """The codes (module docstring). Of file blocks stacked by `cat`, the parts concatenated anew on each
+        read (by prepack, dequantize, rows, to): the parts stay views of the file, so a fused projection keeps
+        no copy of its weights besides the kernels' layout."""
+        return self._parts[0] if len(self._parts) == 1 else torch.cat(self._parts)
+
+    @property
+    def qweight_parts(self):
+        """The tensors whose concatenation is qweight (one, unless stacked by `cat` from file blocks)."""
+        return self._parts
 
     @property
     def out_features(self):
@@ -229,7 +289,7 @@ class QuantizedWeight:
 
     @property
     def device(self):
-        return self.qweight.device
+        return self._parts[0].device
 
     def tensors(self):
         """The canonical tensors: (qweight, scales, offsets) for int4, (qweight, scales) for int8, (blocks,) for
@@ -256,20 +316,26 @@ class QuantizedWeight:
 
     @staticmethod
     def cat(parts):
-        """The weights stacked along the output features (one format and group size)."""
+        """The weights stacked along the output features (one format and group size); file blocks stay their
+        parts (see qweight)."""
         first = parts[0]
         if any((p.format, p.group_size, p.in_features) != (first.format, first.group_size, first.in_features)
                for p in parts):
             raise ValueError("QuantizedWeight.cat: every part must have the same format, group size and in_features")
+        shape, kw = (sum(p.out_features for p in parts), first.in_features), {"dtype": first.dtype}
+        if first.format.file_blocks:
+            return QuantizedWeight(first.format, [r for p in parts for r in p.qweight_parts], group_size=first.group_size,
+                                   shape=shape, **kw)
         tensors = [None if getattr(first, a) is None else torch.cat([getattr(p, a) for p in parts])
                    for a in ("qweight", "scales", "offsets")]
-        return QuantizedWeight(first.format, *tensors, group_size=first.group_size,
-                               shape=(sum(p.out_features for p in parts), first.in_features), dtype=first.dtype)
+        return QuantizedWeight(first.format, *tensors, group_size=first.group_size, shape=shape, **kw)
 
     def to(self, device):
         """A copy on `device` (the prepacked cache is rebuilt there on first use)."""
-        moved = [t.to(device) if t is not None else None for t in (self.qweight, self.scales, self.offsets)]
-        return QuantizedWeight(self.format, *moved, group_size=self.group_size, shape=self.shape, dtype=self.dtype)
+        rows = [r.to(device) for r in self._parts]
+        moved = [t.to(device) if t is not None else None for t in (self.scales, self.offsets)]
+        return QuantizedWeight(self.format, rows if len(rows) > 1 else rows[0], *moved, group_size=self.group_size,
+                               shape=self.shape, dtype=self.dtype)
 
     def state_dict(self, prefix=""):
         """Canonical tensors under `prefix` + qweight / scales / offsets, and a uint8 `qmeta` tensor holding
@@ -412,7 +478,8 @@ def quantize_int8(w, block_size=None):
 # Our int4 takes s = d, m = -8d (Q4_0) or m (Q4_1) with g = 32, kept in float16 (-8d is d with the exponent
 # raised by 3: exact unless it overflows, then that tensor keeps float32); the products are exact in float32,
 # so dequantizing gives the very values ggml computes.
-# Every other GGUF block type (kernels/ggml.py) stays in its blocks: a QuantizedWeight of that format.
+# from_gguf keeps every type in its blocks, a QuantizedWeight of that format: these three convert to int4 / int8
+# when prepacked (gguf_to_int), the others (kernels/ggml.py) have kernels of their own.
 _GGUF_BLOCK_BYTES = {"Q4_0": 18, "Q4_1": 20, "Q8_0": 34}
 GGUF_TYPES = (*_GGUF_BLOCK_BYTES, *ggml.BLOCK_TYPES)  # the block types from_gguf keeps quantized
 
@@ -437,8 +504,9 @@ def _q4_0_offsets(d):
 
 
 def from_gguf(raw, ggml_type, shape, dtype=torch.float32):
-    """A GGUF tensor's raw block bytes (a type of GGUF_TYPES) -> QuantizedWeight of shape (N, K) = `shape`
-    (GGUF lists dims innermost first: pass (ne[1], ne[0])). raw: bytes, a uint8 numpy array or tensor."""
+    """A GGUF tensor's raw block bytes (a type of GGUF_TYPES) -> QuantizedWeight of that format, shape (N, K) =
+    `shape` (GGUF lists dims innermost first: pass (ne[1], ne[0])), over the very bytes (no copy where raw is a
+    writable array or tensor). raw: bytes, a uint8 numpy array or tensor."""
     name = _gguf_type_name(ggml_type)
     n, k = (int(d) for d in shape)
     block, bb = (ggml.BLOCK_TYPES[name].block, ggml.BLOCK_TYPES[name].block_bytes) if name in ggml.BLOCK_TYPES \
@@ -452,20 +520,25 @@ def from_gguf(raw, ggml_type, shape, dtype=torch.float32):
         raw = torch.from_numpy(raw if raw.flags.writeable else raw.copy())  # (e.g. a read-only GGUF memmap)
     if raw.numel() != n * k // block * bb:
         raise ValueError(f"GGUF {name} tensor of shape ({n}, {k}) needs {n * k // block * bb} bytes, got {raw.numel()}")
-    if name in ggml.BLOCK_TYPES:
-        return QuantizedWeight(name, raw.reshape(-1).view(torch.uint8).reshape(n, -1), dtype=dtype)
-    blocks = raw.reshape(-1).view(torch.uint8).reshape(-1, bb)
+    blocks = raw.reshape(-1).view(torch.uint8).reshape(n, -1)
+    return QuantizedWeight(name, blocks, group_size=None if name in ggml.BLOCK_TYPES else 32, dtype=dtype)
+
+
+def gguf_to_int(w):
+    """A Q4_0 / Q4_1 / Q8_0 QuantizedWeight as the int4 / int8 (group 32) one of the same values."""
+    (n, k), bb = w.shape, w.format.block_bytes
+    blocks = w.qweight.reshape(-1, bb)
     d = _fp16_field(blocks, 0).reshape(n, k // 32)
-    if name == "Q8_0":
+    if w.format.name == "Q8_0":
         q = blocks[:, 2:].contiguous().view(torch.int8).reshape(n, k)
-        return QuantizedWeight("int8", q, d.contiguous(), group_size=32, dtype=dtype)
+        return QuantizedWeight("int8", q, d.contiguous(), group_size=32, dtype=w.dtype)
     qs = blocks[:, bb - 16:]
     codes = torch.cat((qs & 0xF, qs >> 4), dim=1).reshape(n, k)
-    if name == "Q4_0":
+    if w.format.name == "Q4_0":
         d, m = _q4_0_offsets(d)
     else:
         m = _fp16_field(blocks, 2).reshape(n, k // 32)
-    return QuantizedWeight("int4", int4_pack(codes), d.contiguous(), m.contiguous(), group_size=32, dtype=dtype)
+    return QuantizedWeight("int4", int4_pack(codes), d.contiguous(), m.contiguous(), group_size=32, dtype=w.dtype)
 
 
 # AWQ / GPTQ checkpoints store W^T (in_features K, out_features N) as 4-bit codes in int32 words, with fp16

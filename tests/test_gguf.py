@@ -21,6 +21,7 @@ from flashgen.engine.loader import load_model
 from flashgen.engine.model import rope_inv_freq
 from flashgen.engine.tokenizer import load_hf_tokenizer
 from flashgen.kernels.qlinear import QuantizedLinear
+from flashgen.kernels.quant import gguf_to_int
 
 gguf = pytest.importorskip("gguf")
 Q = gguf.GGMLQuantizationType
@@ -144,7 +145,7 @@ def test_native_weights_are_exact(files):
     for i, qtype in enumerate(LAYER_TYPES):
         p = f"model.layers.{i}."
         wqkv = m.layers[i].attn.wqkv
-        assert isinstance(wqkv, QuantizedLinear) and wqkv.weight.format.name == "int4"
+        assert isinstance(wqkv, QuantizedLinear) and wqkv.weight.format.name == qtype.name
         qkv = torch.cat([exp[p + f"self_attn.{x}_proj.weight"] for x in "qkv"])
         assert torch.equal(wqkv.weight.dequantize(torch.float32), qkv)
         gate_up = torch.cat([exp[p + "mlp.gate_proj.weight"], exp[p + "mlp.up_proj.weight"]])
@@ -174,7 +175,7 @@ def test_native_linears_within_the_activation_rounding_bound(files):
     native = load_model(files["path"], max_seq_len=32).model
     seen = []
     hooks = [m.register_forward_hook(lambda mod, inp, out: seen.append((mod, inp[0], out)))
-             for m in native.modules() if isinstance(m, QuantizedLinear) and m.weight.format.name in ("int4", "int8")]
+             for m in native.modules() if isinstance(m, QuantizedLinear) and m.weight.format.name in ("Q4_0", "Q4_1")]
     native(torch.randint(3, 300, (2, 24)))
     for hook in hooks:
         hook.remove()
@@ -216,13 +217,13 @@ def test_weights_within_what_the_format_allows(files):
                      "mlp.w_in": [p + "mlp.gate_proj.weight", p + "mlp.up_proj.weight"],
                      "mlp.w_out": [p + "mlp.down_proj.weight"]}
         for ours, theirs in originals.items():
-            weight = m.get_submodule(f"layers.{i}.{ours}").weight
+            weight = gguf_to_int(m.get_submodule(f"layers.{i}.{ours}").weight)
             assert weight.format.name == "int4"
             w = torch.cat([float_sd[t] for t in theirs]).double()
             bound = _grid_bound(w, weight, 0, 15)
             assert ((weight.dequantize(torch.float64) - w).abs() <= bound).all(), (i, ours)
             checked += 1
-    embedding = GGUFFile(files["path"]).get("token_embd.weight")  # Q8_0, kept so by the model
+    embedding = gguf_to_int(GGUFFile(files["path"]).get("token_embd.weight"))  # Q8_0, kept so by the model
     assert embedding.format.name == "int8"
     w = float_sd["model.embed_tokens.weight"].double()
     assert ((embedding.dequantize(torch.float64) - w).abs() <= _grid_bound(w, embedding, -127, 127)).all()

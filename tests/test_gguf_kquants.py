@@ -90,16 +90,22 @@ def test_weights_stay_in_their_blocks(kquant_file):
     f = GGUFFile(path)
     layer = model.layers[0]
     qkv = layer.attn.wqkv
-    # fused projections stack their parts, each a view of the file's blocks (no copy, no float)
-    assert isinstance(qkv, StackedLinear), "Q4_K q, k with a Q6_K v: stacked, not dequantized"
-    assert [m.weight.format.name for m in qkv.parts] == ["Q4_K", "Q4_K", "Q6_K"]
-    assert [m.weight.format.name for m in layer.mlp.w_in.parts] == ["Q4_K", "Q4_K"]
-    assert [m.weight.format.name for m in model.layers[1].mlp.w_in.parts] == ["Q5_1", "Q5_1"]
+
     def addr(name):
         return f._tensor(name).data.ctypes.data
+    # fused projections merge their runs of one type and stack the runs (no float); gate | up keeps the file's
+    # blocks as its parts (no copy)
+    assert isinstance(qkv, StackedLinear), "Q4_K q, k with a Q6_K v: stacked, not dequantized"
+    assert [(m.weight.format.name, m.out_features) for m in qkv.parts] == [
+        ("Q4_K", model.config.q_size + model.config.kv_size), ("Q6_K", model.config.kv_size)]
+    for i, name in ((0, "Q4_K"), (1, "Q5_1")):
+        w_in = model.layers[i].mlp.w_in
+        assert isinstance(w_in, QuantizedLinear) and w_in.weight.format.name == name
+        gate, up = w_in.weight.qweight_parts  # views: as far apart in memory as in the file
+        assert up.data_ptr() - gate.data_ptr() == addr(f"blk.{i}.ffn_up.weight") - addr(f"blk.{i}.ffn_gate.weight")
 
     # zero-copy: the two tensors lie as far apart in memory as in the file
-    v, down = qkv.parts[2].weight.qweight, layer.mlp.w_out.weight.qweight
+    v, down = qkv.parts[1].weight.qweight, layer.mlp.w_out.weight.qweight
     assert down.data_ptr() - v.data_ptr() == addr("blk.0.ffn_down.weight") - addr("blk.0.attn_v.weight")
     assert model.output.weight.format.name == "Q6_K"
     down = layer.mlp.w_out.weight

@@ -7,7 +7,7 @@ from gguf import GGMLQuantizationType
 from gguf import quants as gguf_quants
 
 import flashgen.kernels as K
-from flashgen.kernels.quant import QuantizedWeight, from_awq, from_gguf, from_gptq
+from flashgen.kernels.quant import QuantizedWeight, from_awq, from_gguf, from_gptq, gguf_to_int
 
 
 @pytest.mark.parametrize("name", ["Q4_0", "Q4_1", "Q8_0"])
@@ -17,11 +17,16 @@ def test_gguf_bit_exact(name, monkeypatch):
     w = (np.random.randn(n, k) * np.random.rand(n, 1) * 3).astype(np.float32)
     raw = gguf_quants.quantize(w, qtype)
     expect = torch.from_numpy(gguf_quants.dequantize(raw, qtype).astype(np.float32))
-    qw = from_gguf(raw, qtype, (n, k))
+    blocks = from_gguf(raw, qtype, (n, k))
+    # the file's blocks, not a copy: a loaded model holds only the kernels' layout
+    assert blocks.format.name == name and blocks.qweight.data_ptr() == raw.ctypes.data
+    assert torch.equal(blocks.dequantize(torch.float32), expect)
+    qw = gguf_to_int(blocks)
     assert qw.format.name == ("int8" if name == "Q8_0" else "int4") and qw.group_size == 32
     # the block scales (and Q4_1's mins, Q4_0's -8d) stay float16, as stored
     assert [t.dtype for t in qw.tensors()[1:]] == [torch.float16] * (2 if qw.format.name == "int4" else 1)
     assert [t.dtype for t in qw.packed()[1:]] == [torch.float16] * (2 if qw.format.name == "int4" else 1)
+    assert all(torch.equal(a, b) for a, b in zip(blocks.packed(), qw.packed()))
     assert torch.equal(qw.dequantize(torch.float32), expect)
     assert torch.equal(from_gguf(raw.tobytes(), name, (n, k)).dequantize(torch.float32), expect)
     # and through the CPU kernels' layout
@@ -38,6 +43,34 @@ def test_gguf_bit_exact(name, monkeypatch):
         monkeypatch.setenv("FLASHGEN_QUANT_ISA", isa)
         for linear in linears:
             assert torch.equal(linear(x, qw), linear(x, full)), (isa, linear.__name__)
+        assert torch.equal(K.ggml_linear(x, blocks), linears[0](x, qw)), isa
+
+
+@pytest.mark.parametrize("name", ["Q4_1", "Q8_0", "Q5_0"])
+def test_file_blocks_stack_without_a_copy(name):
+    """QuantizedWeight.cat of file blocks (a fused gate | up) keeps the parts as they are, views of the file, and
+    concatenates them only when read: its values, layout and products are those of the concatenated blocks."""
+    k, rows = 64, (16, 5, 33)
+    qtype = GGMLQuantizationType[name]
+    raws = [gguf_quants.quantize(np.random.randn(n, k).astype(np.float32), qtype) for n in rows]
+    parts = [from_gguf(r, name, (n, k)) for r, n in zip(raws, rows)]
+    stacked = QuantizedWeight.cat(parts)
+    assert stacked.shape == (sum(rows), k)
+    assert [t.data_ptr() for t in stacked.qweight_parts] == [r.ctypes.data for r in raws]
+    whole = from_gguf(np.concatenate(raws), name, (sum(rows), k))
+    assert torch.equal(stacked.qweight, whole.qweight)
+    assert torch.equal(stacked.dequantize(torch.float32), whole.dequantize(torch.float32))
+    assert all(torch.equal(a, b) for a, b in zip(stacked.packed(), whole.packed()))
+    x = torch.randn(3, k)
+    assert torch.equal(K.ggml_linear(x, stacked), K.ggml_linear(x, whole))
+    # a module over it keeps the parts as its buffers, through a device move and back
+    module = K.QuantizedLinear(stacked)
+    assert sorted(name for name, _ in module.named_buffers()) == ["qweight_0", "qweight_1", "qweight_2"]
+    module.to("cpu").float()
+    assert module.weight.qweight_parts[1].data_ptr() == raws[1].ctypes.data
+    assert torch.equal(module(x), K.ggml_linear(x, whole))
+    with pytest.raises(ValueError, match="one length"):
+        QuantizedWeight(name, [parts[0].qweight, parts[1].qweight[:, :-1]], group_size=parts[0].group_size)
 
 
 def test_gguf_q4_0_offsets_beyond_float16_fall_back_to_float32():
@@ -46,7 +79,7 @@ def test_gguf_q4_0_offsets_beyond_float16_fall_back_to_float32():
     codes = np.random.randint(0, 256, (n, k // 32, 16), dtype=np.uint8)
     raw = np.concatenate([d[..., None].view(np.uint8), codes], axis=-1).reshape(n, -1)
     expect = torch.from_numpy(gguf_quants.dequantize(raw, GGMLQuantizationType.Q4_0).astype(np.float32))
-    qw = from_gguf(raw, "Q4_0", (n, k))
+    qw = gguf_to_int(from_gguf(raw, "Q4_0", (n, k)))
     assert qw.scales.dtype == qw.offsets.dtype == torch.float32
     assert torch.equal(qw.dequantize(torch.float32), expect)
     assert torch.equal(torch.ops.flashgen.int4_dequantize(*qw.packed(), 32, n, k, torch.float32), expect)
