@@ -1,5 +1,8 @@
 """CPU speed of the quantized linears against torch F.linear in float32 and bfloat16, in one run.
 
+Implementations: f32 / bf16 (torch F.linear, activations in that dtype), bf16w (flashgen::half_linear: a
+bfloat16 weight under float32 activations, as a bfloat16 checkpoint runs), int4, int8, w8a8 (flashgen).
+
 Shapes (K, N): SmolLM2-135M's layers (576x576, 576x1536, 1536x576, 576x49152 = the output head) and a 7B-class
 layer (4096x4096, 4096x11008); M = 1, 4, 16, 128 rows. For each case: time (best of the rounds) and the
 achieved GB/s of weight traffic (bytes of the weight as the kernel reads it / time).
@@ -31,7 +34,7 @@ from timing import best_time, fixed_threads
 log = logging.getLogger("flashgen.bench")
 SHAPES = [(576, 576), (576, 1536), (1536, 576), (576, 49152), (4096, 4096), (4096, 11008)]
 MS = [1, 4, 16, 128]
-IMPLS = ["f32", "bf16", "int4", "int8", "w8a8"]
+IMPLS = ["f32", "bf16", "bf16w", "int4", "int8", "w8a8"]
 TARGETS = {"int4": 4.0, "int8": 2.5}  # speed-up over f32 at M = 1, K = N = 4096
 THREADS = 2
 MIN_TIME = 0.3  # seconds of calls timed per case
@@ -60,7 +63,7 @@ def _build(kind, k, n, cold):
     """[distinct (N, K) weights of `kind`], all with the same values. Quantized copies share the canonical
     tensors but each packs its own buffer (what the kernels read)."""
     w = torch.randn(n, k, generator=torch.Generator().manual_seed(0)) * 0.02
-    if kind in ("f32", "bf16"):
+    if kind in ("f32", "bf16", "bf16w"):
         first = w if kind == "f32" else w.bfloat16()
         return [first] + [first.clone() for _ in range(copies_for(_nbytes(first), cold) - 1)]
     first = K.quantize_int4(w, 32) if kind == "int4" else K.quantize_int8(w)
@@ -97,6 +100,8 @@ def case(impl, k, n, m, cold=True):
     if impl in ("f32", "bf16"):
         xi = x.to(copies[0].dtype)
         fn = lambda: F.linear(xi, next(ws))  # noqa: E731
+    elif impl == "bf16w":
+        fn = lambda: torch.ops.flashgen.half_linear(x, next(ws), None)  # noqa: E731
     else:
         linear = {"int4": K.int4_linear, "int8": K.int8_linear, "w8a8": K.int8_linear_dynamic}[impl]
         fn = lambda: linear(x, next(ws))  # noqa: E731

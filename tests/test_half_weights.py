@@ -10,19 +10,26 @@ from flashgen.kernels.quant import QuantizedWeight
 from tiny_models import make_model, save_tokenizer
 
 
+@pytest.mark.parametrize("isa", ["avx512", "avx2"])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-def test_half_linear_matches_float64(dtype):
-    n, k = 77, 203
-    w = torch.randn(n, k).to(dtype)
-    qw = QuantizedWeight(str(dtype).removeprefix("torch."), w)
-    bias = torch.randn(n)
-    lin = QuantizedLinear(qw, bias)
-    for m in (1, 5, 70):
-        x = torch.randn(m, k)
-        y = lin(x)
-        want = x.double() @ w.double().T + bias.double()
-        scale = x.double().abs() @ w.double().abs().T + 1
-        assert ((y.double() - want).abs() / scale).max() < 1e-5
+def test_half_linear_matches_float64(dtype, isa, monkeypatch):
+    """Float32 products of the exact weights, summed in float32 (k / lanes partial sums, then the lanes), and each
+    row's result the same bits whatever rows come with it (batch invariance)."""
+    monkeypatch.setenv("FLASHGEN_QUANT_ISA", isa)  # avx512: the CPU's best (AVX2 without AVX-512)
+    for n, k in ((77, 203), (5, 8), (130, 1025)):
+        w = torch.randn(n, k).to(dtype)
+        qw = QuantizedWeight(str(dtype).removeprefix("torch."), w)
+        bias = torch.randn(n)
+        lin = QuantizedLinear(qw, bias)
+        x = torch.randn(97, k)
+        full = lin(x)
+        for m in (1, 5, 70, 97):  # 70, 97: past one row chunk (64)
+            y = lin(x[:m])
+            want = x[:m].double() @ w.double().T + bias.double()
+            scale = x[:m].double().abs() @ w.double().abs().T + 1
+            assert ((y.double() - want).abs() / scale).max() < k * 2**-24, (n, k, m)
+            assert torch.equal(y, full[:m]), (n, k, m)
+        assert torch.equal(lin(x[40:41]), full[40:41])
     assert torch.equal(qw.dequantize(torch.float32), w.float())
 
 

@@ -158,11 +158,12 @@ struct CpuLinear : torch::CustomClassHolder {
     }
   }
 
-  // The float / 16-bit weight products go through at::mm, whose row results depend on the number of rows
-  // for small counts (its small-M kernels sum in another order) but not for multiples of 4 (measured on MKL,
-  // 1 and 2 threads; tests/test_serving.py checks it): rows are padded to a multiple of 4 with zeros, so a
-  // token's product does not depend on what else is in the step.
+  // A 16-bit weight's kernel sums each row on its own. The float32 weight products go through at::mm, whose row
+  // results depend on the number of rows for small counts (its small-M kernels sum in another order) but not for
+  // multiples of 4 (measured on MKL, 1 and 2 threads; tests/test_serving.py checks it): rows are padded to a
+  // multiple of 4 with zeros, so a token's product does not depend on what else is in the step.
   void float_rows(const Part& p, const float* x, int64_t m, float* y) const {
+    if (p.kind == kHalf) return quant::half_linear_rows(x, m, in, p.w[0], p.out, y);
     const int64_t padded = (m + 3) / 4 * 4;
     const float* xp = x;
     float* yp = y;
@@ -172,12 +173,8 @@ struct CpuLinear : torch::CustomClassHolder {
       std::copy_n(x, m * in, xb.data());
       xp = xb.data(), yp = yb.data();
     }
-    if (p.kind == kHalf) {
-      quant::half_linear_rows(xp, padded, in, p.w[0], p.out, yp);
-    } else {
-      at::Tensor y_t = at::from_blob(yp, {padded, p.out});
-      at::mm_out(y_t, at::from_blob(const_cast<float*>(xp), {padded, in}), p.w[0].t());
-    }
+    at::Tensor y_t = at::from_blob(yp, {padded, p.out});
+    at::mm_out(y_t, at::from_blob(const_cast<float*>(xp), {padded, in}), p.w[0].t());
     if (yp != y) std::copy_n(yp, m * p.out, y);
   }
 };

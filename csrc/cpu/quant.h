@@ -66,6 +66,7 @@ template <class S>
 void int8_gemm(const QuantActs& x, int64_t m, const int8_t* w, const S* scales, int64_t scale_blocks, int64_t n,
                int64_t kb, bool whole_row, float* out, bool vnni);
 bool use_vnni();  // AVX-512 VNNI present and not disabled by FLASHGEN_QUANT_ISA=avx2
+bool use_avx512();  // AVX-512 present and not disabled so
 
 // Input checks shared by the ops and the decoder step (TORCH_CHECK with `op` in the message); k, n are the
 // in / out features. check_int8_packed returns the scale blocks (1 = per channel).
@@ -116,7 +117,7 @@ void int4_linear_rows(const float* x, int64_t m, int64_t k, const at::Tensor& qw
 void int8_linear_rows(const float* x, int64_t m, int64_t k, const at::Tensor& qweight, const at::Tensor& scales,
                       int64_t n, bool dynamic, float* y, ActScratch& scratch);
 // y (m, n) float32 = x (m, k) W^T for a float16 / bfloat16 W (n, k) kept 16-bit (checked by check_half): exact
-// weights, float32 products (rows of W widened in L2-sized chunks).
+// weights, float32 products, each row's sums independent of the other rows (half_kernels.cpp).
 void half_linear_rows(const float* x, int64_t m, int64_t k, const at::Tensor& w, int64_t n, float* y);
 void check_half(const char* op, const at::Tensor& w, int64_t k, int64_t n);
 

@@ -33,10 +33,12 @@
 namespace flashgen::cpu::quant {
 
 // FLASHGEN_QUANT_ISA=avx2 forces the AVX2 kernels on an AVX-512 machine (tests cover both paths).
-bool use_vnni() {
+static bool avx2_forced() {
   const char* isa = std::getenv("FLASHGEN_QUANT_ISA");
-  return has_avx512_vnni() && !(isa && std::strcmp(isa, "avx2") == 0);
+  return isa && std::strcmp(isa, "avx2") == 0;
 }
+bool use_vnni() { return has_avx512_vnni() && !avx2_forced(); }
+bool use_avx512() { return has_avx512() && !avx2_forced(); }
 
 namespace {
 
@@ -217,22 +219,6 @@ void check_half(const char* op, const at::Tensor& w, int64_t k, int64_t n) {
                   w.is_contiguous() && w.dim() == 2 && w.size(0) == n && w.size(1) == k,
               op, ": weight must be a contiguous float16 or bfloat16 CPU tensor of shape (", n, ", ", k, "), got ",
               w.scalar_type(), " ", w.sizes(), " on ", w.device());
-}
-
-void half_linear_rows(const float* x, int64_t m, int64_t k, const at::Tensor& w, int64_t n, float* y) {
-  if (m == 0) return;
-  const int64_t chunk = std::max<int64_t>(16, (int64_t{1} << 17) / k);  // rows widened at once: ~512 KB float32
-  const at::Tensor xt = at::from_blob(const_cast<float*>(x), {m, k});
-  at::parallel_for(0, (n + chunk - 1) / chunk, 1, [&](int64_t c0, int64_t c1) {
-    at::Tensor wide = at::empty({chunk, k}, at::kFloat), part = at::empty({m, chunk}, at::kFloat);
-    for (int64_t c = c0; c < c1; ++c) {
-      const int64_t r0 = c * chunk, rows = std::min(chunk, n - r0);
-      at::Tensor wr = wide.narrow(0, 0, rows), pr = part.narrow(1, 0, rows);
-      wr.copy_(w.narrow(0, r0, rows));
-      at::mm_out(pr, xt, wr.t());
-      for (int64_t i = 0; i < m; ++i) std::memcpy(y + i * n + r0, pr[i].data_ptr<float>(), rows * sizeof(float));
-    }
-  });
 }
 
 void int4_linear_rows(const float* x, int64_t m, int64_t k, const at::Tensor& qweight, const at::Tensor& scales,
