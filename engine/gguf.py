@@ -23,7 +23,7 @@ GGUF_MAGIC = b"GGUF"
 def native_types(device):
     """The GGUF block types kept quantized on `device` (those its kernels compute); the rest load as float."""
     cpu = torch.device(device).type == "cpu"
-    return ("Q4_0", "Q4_1", "Q8_0") + (("F16", "BF16") if cpu else ()) + tuple(
+    return ("Q8_0",) + (("F16", "BF16") if cpu else ()) + tuple(
         t.name for t in ggml.BLOCK_TYPES.values() if (t.cpu_kernel if cpu else t.gpu_kernel))
 
 

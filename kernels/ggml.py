@@ -3,9 +3,9 @@
 A weight row of K values is K / block blocks of `block_bytes` bytes each, as llama.cpp's ggml-common.h defines
 them. Each dequantizer maps uint8 blocks (B, block_bytes) to float32 values (B, block) with the operations, in
 the order, of ggml's and gguf-py's dequantizers (float16 fields widened to float32 exactly; integer scales times
-the float16 scale are exact in float32), so the values are the file's, bit for bit. Q4_0 / Q4_1 / Q8_0 map
-losslessly onto the int4 / int8 formats (kernels/quant.py `from_gguf`); the others stay in their blocks
-(QuantizedWeight format "ggml"), which each device prepacks for its kernels (`flashgen::ggml_prepack`).
+the float16 scale are exact in float32), so the values are the file's, bit for bit. A weight stays in its blocks
+(a QuantizedWeight of the type's format, kernels/quant.py `from_gguf`), which each device prepacks for its
+kernels (`flashgen::ggml_prepack`). (Q8_0 is not here: it runs the int8 kernels.)
 
 K-quants (Q2_K .. Q6_K, IQ4_XS) are super-blocks of 256 values in sub-blocks of 16 or 32, each with a small
 integer scale (and min) under float16 super-block scales d (and dmin):  w = d * sc_j * q - dmin * m_j.
@@ -62,6 +62,19 @@ def q5_0_codes(b):
     before the 16 bytes of nibbles."""
     at = b.shape[1] - 20
     return _nibbles(b[:, at + 4:]) | (_bits(_u32(b, at), 32) << 4)
+
+
+def q4_0_codes(b):
+    """Q4_0 / Q4_1 blocks (B, 18) / (B, 20) -> codes int64 (B, 32) in [0, 15]: the 16 bytes of nibbles last."""
+    return _nibbles(b[:, b.shape[1] - 16:])
+
+
+def _q4_0(b):  # d, qs[16]: w = d (q - 8)
+    return _f16(b, 0) * (q4_0_codes(b) - 8).to(torch.float32)
+
+
+def _q4_1(b):  # d, m, qs[16]: w = d q + m
+    return _f16(b, 0) * q4_0_codes(b).to(torch.float32) + _f16(b, 2)
 
 
 def _q5_0(b):  # d, qh[4], qs[16]: w = d (q - 16)
@@ -196,6 +209,8 @@ def _iq4_xs(b):  # d, scales_h u16, scales_l[4], qs[128]: 8 sub-blocks of 32, w 
 
 
 BLOCK_TYPES = {t.name: t for t in (
+    BlockType("Q4_0", 2, 32, 18, _q4_0, True, True, half_fields=(0,)),
+    BlockType("Q4_1", 3, 32, 20, _q4_1, True, True, half_fields=(0, 2)),
     BlockType("Q5_0", 6, 32, 22, _q5_0, True, True, half_fields=(0,)),
     BlockType("Q5_1", 7, 32, 24, _q5_1, True, True, half_fields=(0, 2)),
     BlockType("Q2_K", 10, 256, 84, _q2_k, True, True, half_fields=(80, 82)),

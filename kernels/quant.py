@@ -9,9 +9,9 @@ Canonical formats (what a QuantizedWeight stores, the same on every device):
 - int8: `qweight` int8 (N, K); `scales` float32 or float16, (N, 1) per output channel, or (N, K//32) per block of
   32 (GGUF Q8_0):
       w[n, k] = scales[n, k // block] * q[n, k]
-- GGML block types (Q4_K, Q6_K, Q5_0, ... kernels/ggml.py) and GGUF Q4_0 / Q4_1 / Q8_0: `qweight` uint8
-  (N, K / block * block_bytes), the GGUF file's own blocks, lossless and as compact as the file (Q4_0 / Q4_1 /
-  Q8_0 run the int4 / int8 kernels, converted when prepacked).
+- GGML block types (Q4_0, Q4_K, Q6_K, ... kernels/ggml.py) and GGUF Q8_0: `qweight` uint8
+  (N, K / block * block_bytes), the GGUF file's own blocks, lossless and as compact as the file (Q8_0 runs the
+  int8 kernels, converted when prepacked).
 - float16 / bfloat16: `qweight` is the 16-bit W (N, K) itself, kept so under float32 activations.
 
 A format is one QuantFormat object of FORMATS (its tensors, checks, dequantizer and kernel ops).
@@ -188,16 +188,13 @@ class _GGML(QuantFormat):
         return "ggml", self.block_type.type_id
 
 
-class _GGUFInt(QuantFormat):
-    """GGUF Q4_0 / Q4_1 / Q8_0 kept in the file's blocks (qweight uint8 (N, K / 32 * block_bytes), a view of the
-    file when loaded from one) and computed by the int4 / int8 kernels (group 32): each prepack converts the
-    blocks to those codes (`gguf_to_int`, losslessly) and prepacks them, so of a loaded model only the kernels'
-    layout stays in memory. group_size is 32, the block."""
+class _Q8_0(QuantFormat):
+    """GGUF Q8_0 kept in the file's blocks (qweight uint8 (N, K / 32 * 34): fp16 d, 32 int8 q; w = d q), a view of
+    the file when loaded from one, and computed by the int8 kernels (an 8-bit plane is their layout): each
+    prepack converts the blocks to int8 codes and block scales (`q8_0_to_int8`, losslessly) and prepacks those, so
+    of a loaded model only the kernels' layout stays in memory. group_size is 32, the block."""
 
-    file_blocks = True
-
-    def __init__(self, name, block_bytes, base):
-        self.name, self.modes, self.block_bytes, self.base = name, (name,), block_bytes, base
+    name, modes, block_bytes, file_blocks = "Q8_0", ("Q8_0",), 34, True
 
     def in_features(self, qweight, group_size):
         return qweight.shape[1] // self.block_bytes * 32
@@ -212,21 +209,21 @@ class _GGUFInt(QuantFormat):
         return (w.qweight,)
 
     def dequantize(self, w, dtype):
-        return gguf_to_int(w).dequantize(dtype)
+        return q8_0_to_int8(w).dequantize(dtype)
 
     def prepack(self, w):
-        return self.base.prepack(gguf_to_int(w))
+        return _INT8.prepack(q8_0_to_int8(w))
 
     def linear(self, x, w, bias, mode):
-        return self.base.linear(x, w, bias, self.base.modes[0])
+        return _INT8.linear(x, w, bias, "int8")
 
     def cpu_linear(self, w, mode):
-        return self.base.cpu_linear(w, self.base.modes[0])
+        return _INT8.cpu_linear(w, "int8")
 
 
 _INT4, _INT8 = _Int4(), _Int8()
 FORMATS = {f.name: f for f in (_INT4, _INT8, _Half(torch.float16), _Half(torch.bfloat16),
-                                _GGUFInt("Q4_0", 18, _INT4), _GGUFInt("Q4_1", 20, _INT4), _GGUFInt("Q8_0", 34, _INT8),
+                                _Q8_0(),
                                 *(_GGML(t) for t in ggml.BLOCK_TYPES.values()))}
 
 
@@ -471,17 +468,10 @@ def quantize_int8(w, block_size=None):
 
 
 # ---------------------------------------------------------------- lossless converters
-# GGUF blocks of 32 values as llama.cpp (ggml-common.h) defines them:
-#   Q4_0: fp16 d, 16 bytes; value j < 16 in the low nibble of byte j, value j+16 in its high nibble; w = d (q - 8)
-#   Q4_1: fp16 d, fp16 m, 16 bytes as Q4_0; w = d q + m
-#   Q8_0: fp16 d, 32 int8; w = d q
-# Our int4 takes s = d, m = -8d (Q4_0) or m (Q4_1) with g = 32, kept in float16 (-8d is d with the exponent
-# raised by 3: exact unless it overflows, then that tensor keeps float32); the products are exact in float32,
-# so dequantizing gives the very values ggml computes.
-# from_gguf keeps every type in its blocks, a QuantizedWeight of that format: these three convert to int4 / int8
-# when prepacked (gguf_to_int), the others (kernels/ggml.py) have kernels of their own.
-_GGUF_BLOCK_BYTES = {"Q4_0": 18, "Q4_1": 20, "Q8_0": 34}
-GGUF_TYPES = (*_GGUF_BLOCK_BYTES, *ggml.BLOCK_TYPES)  # the block types from_gguf keeps quantized
+# from_gguf keeps every GGUF block type in its blocks, a QuantizedWeight of that format: the GGML types of
+# kernels/ggml.py have kernels of their own; Q8_0 runs the int8 kernels, converted when prepacked (q8_0_to_int8:
+# d stays float16, the products d q are exact in float32, so dequantizing gives the very values ggml computes).
+GGUF_TYPES = ("Q8_0", *ggml.BLOCK_TYPES)  # the block types from_gguf keeps quantized
 
 
 def _gguf_type_name(ggml_type):
@@ -491,26 +481,14 @@ def _gguf_type_name(ggml_type):
     return name
 
 
-def _fp16_field(blocks, start):
-    return blocks[:, start:start + 2].contiguous().view(torch.float16).reshape(-1)
-
-
-def _q4_0_offsets(d):
-    """m = -8 d for float16 block scales d: float16 when every |8 d| fits (then exact), else (d, m) in float32."""
-    m = -8 * d.to(torch.float32)
-    if (m.abs() <= torch.finfo(torch.float16).max).all():
-        return d, m.to(torch.float16)
-    return d.to(torch.float32), m
-
-
 def from_gguf(raw, ggml_type, shape, dtype=torch.float32):
     """A GGUF tensor's raw block bytes (a type of GGUF_TYPES) -> QuantizedWeight of that format, shape (N, K) =
     `shape` (GGUF lists dims innermost first: pass (ne[1], ne[0])), over the very bytes (no copy where raw is a
     writable array or tensor). raw: bytes, a uint8 numpy array or tensor."""
     name = _gguf_type_name(ggml_type)
     n, k = (int(d) for d in shape)
-    block, bb = (ggml.BLOCK_TYPES[name].block, ggml.BLOCK_TYPES[name].block_bytes) if name in ggml.BLOCK_TYPES \
-        else (32, _GGUF_BLOCK_BYTES[name])
+    block, bb = (32, _Q8_0.block_bytes) if name == "Q8_0" else (ggml.BLOCK_TYPES[name].block,
+                                                                 ggml.BLOCK_TYPES[name].block_bytes)
     if k % block:
         raise ValueError(f"GGUF {name}: in_features {k} must be a multiple of the block size {block}")
     if isinstance(raw, (bytes, bytearray, memoryview)):
@@ -521,24 +499,15 @@ def from_gguf(raw, ggml_type, shape, dtype=torch.float32):
     if raw.numel() != n * k // block * bb:
         raise ValueError(f"GGUF {name} tensor of shape ({n}, {k}) needs {n * k // block * bb} bytes, got {raw.numel()}")
     blocks = raw.reshape(-1).view(torch.uint8).reshape(n, -1)
-    return QuantizedWeight(name, blocks, group_size=None if name in ggml.BLOCK_TYPES else 32, dtype=dtype)
+    return QuantizedWeight(name, blocks, group_size=32 if name == "Q8_0" else None, dtype=dtype)
 
 
-def gguf_to_int(w):
-    """A Q4_0 / Q4_1 / Q8_0 QuantizedWeight as the int4 / int8 (group 32) one of the same values."""
-    (n, k), bb = w.shape, w.format.block_bytes
-    blocks = w.qweight.reshape(-1, bb)
-    d = _fp16_field(blocks, 0).reshape(n, k // 32)
-    if w.format.name == "Q8_0":
-        q = blocks[:, 2:].contiguous().view(torch.int8).reshape(n, k)
-        return QuantizedWeight("int8", q, d.contiguous(), group_size=32, dtype=w.dtype)
-    qs = blocks[:, bb - 16:]
-    codes = torch.cat((qs & 0xF, qs >> 4), dim=1).reshape(n, k)
-    if w.format.name == "Q4_0":
-        d, m = _q4_0_offsets(d)
-    else:
-        m = _fp16_field(blocks, 2).reshape(n, k // 32)
-    return QuantizedWeight("int4", int4_pack(codes), d.contiguous(), m.contiguous(), group_size=32, dtype=w.dtype)
+def q8_0_to_int8(w):
+    """A Q8_0 QuantizedWeight as the int8 one (block scales of 32, float16) of the same values."""
+    (n, k), blocks = w.shape, w.qweight.reshape(-1, _Q8_0.block_bytes)
+    d = blocks[:, 0:2].contiguous().view(torch.float16).reshape(n, k // 32)
+    q = blocks[:, 2:].contiguous().view(torch.int8).reshape(n, k)
+    return QuantizedWeight("int8", q, d, group_size=32, dtype=w.dtype)
 
 
 # AWQ / GPTQ checkpoints store W^T (in_features K, out_features N) as 4-bit codes in int32 words, with fp16

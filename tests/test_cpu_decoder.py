@@ -128,5 +128,5 @@ def test_step_errors(tiny_models):
         torch.classes.flashgen.CpuLinear("float", [torch.zeros(2, 3)], None, 2, 2, 0)
     with pytest.raises(RuntimeError, match="group_size"):
         torch.classes.flashgen.CpuLinear("int4", [torch.zeros(1), torch.zeros(1), torch.zeros(1)], None, 64, 16, 48)
-    with pytest.raises(RuntimeError, match="GGML type 3 has no CPU kernel"):
-        torch.classes.flashgen.CpuLinear("ggml", [torch.zeros(1, dtype=torch.uint8)], None, 256, 16, 3)
+    with pytest.raises(RuntimeError, match="GGML type 8 has no CPU kernel"):  # Q8_0 runs the int8 kernels
+        torch.classes.flashgen.CpuLinear("ggml", [torch.zeros(1, dtype=torch.uint8)], None, 256, 16, 8)

@@ -9,6 +9,7 @@ import dataclasses
 import json
 import os
 import re
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -21,7 +22,7 @@ from flashgen.engine.loader import load_model
 from flashgen.engine.model import rope_inv_freq
 from flashgen.engine.tokenizer import load_hf_tokenizer
 from flashgen.kernels.qlinear import QuantizedLinear
-from flashgen.kernels.quant import gguf_to_int
+from flashgen.kernels.quant import q8_0_to_int8
 
 gguf = pytest.importorskip("gguf")
 Q = gguf.GGMLQuantizationType
@@ -190,6 +191,15 @@ def test_native_linears_within_the_activation_rounding_bound(files):
         assert (err <= bound + slack).all(), (module.weight.format.name, (err - bound).max().item())
 
 
+def _q4_grid(weight):
+    """A Q4_0 / Q4_1 weight's grid w = s q + m (codes 0..15) per block of 32: (s, m) from its blocks' float16 fields."""
+    n, k = weight.shape
+    blocks = weight.qweight.reshape(n, k // 32, -1)
+    d = blocks[..., 0:2].contiguous().view(torch.float16).reshape(n, -1).double()
+    m = -8 * d if weight.format.name == "Q4_0" else blocks[..., 2:4].contiguous().view(torch.float16).reshape(n, -1)
+    return SimpleNamespace(scales=d, offsets=m.double(), group_size=32)
+
+
 def _grid_bound(w, weight, qmin, qmax):
     """The largest |w - w'| a weight `w` may be off by in `weight`'s codes: half a step inside its group's grid
     s * q + m (q in [qmin, qmax]), plus the distance to the grid's ends outside it; plus llama.cpp's float16 rounding
@@ -217,13 +227,13 @@ def test_weights_within_what_the_format_allows(files):
                      "mlp.w_in": [p + "mlp.gate_proj.weight", p + "mlp.up_proj.weight"],
                      "mlp.w_out": [p + "mlp.down_proj.weight"]}
         for ours, theirs in originals.items():
-            weight = gguf_to_int(m.get_submodule(f"layers.{i}.{ours}").weight)
-            assert weight.format.name == "int4"
+            weight = m.get_submodule(f"layers.{i}.{ours}").weight
+            assert weight.format.name == LAYER_TYPES[i].name
             w = torch.cat([float_sd[t] for t in theirs]).double()
-            bound = _grid_bound(w, weight, 0, 15)
+            bound = _grid_bound(w, _q4_grid(weight), 0, 15)
             assert ((weight.dequantize(torch.float64) - w).abs() <= bound).all(), (i, ours)
             checked += 1
-    embedding = gguf_to_int(GGUFFile(files["path"]).get("token_embd.weight"))  # Q8_0, kept so by the model
+    embedding = q8_0_to_int8(GGUFFile(files["path"]).get("token_embd.weight"))  # Q8_0, kept so by the model
     assert embedding.format.name == "int8"
     w = float_sd["model.embed_tokens.weight"].double()
     assert ((embedding.dequantize(torch.float64) - w).abs() <= _grid_bound(w, embedding, -127, 127)).all()

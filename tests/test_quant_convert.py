@@ -1,4 +1,5 @@
-"""Lossless converters: GGUF Q4_0 / Q4_1 / Q8_0 blocks against the gguf package's own dequantization, and
+"""Lossless converters: GGUF blocks (Q8_0 to int8, and every type kept in its blocks) against the gguf package's
+own dequantization, and
 AWQ / GPTQ tensors against the reference unpacking written here (packing as AutoAWQ / AutoGPTQ store it)."""
 import numpy as np
 import pytest
@@ -7,43 +8,34 @@ from gguf import GGMLQuantizationType
 from gguf import quants as gguf_quants
 
 import flashgen.kernels as K
-from flashgen.kernels.quant import QuantizedWeight, from_awq, from_gguf, from_gptq, gguf_to_int
+from flashgen.kernels.quant import QuantizedWeight, from_awq, from_gguf, from_gptq, q8_0_to_int8
 
 
-@pytest.mark.parametrize("name", ["Q4_0", "Q4_1", "Q8_0"])
-def test_gguf_bit_exact(name, monkeypatch):
+def test_gguf_q8_0_bit_exact(monkeypatch):
     n, k = 7, 160
-    qtype = GGMLQuantizationType[name]
     w = (np.random.randn(n, k) * np.random.rand(n, 1) * 3).astype(np.float32)
-    raw = gguf_quants.quantize(w, qtype)
-    expect = torch.from_numpy(gguf_quants.dequantize(raw, qtype).astype(np.float32))
-    blocks = from_gguf(raw, qtype, (n, k))
+    raw = gguf_quants.quantize(w, GGMLQuantizationType.Q8_0)
+    expect = torch.from_numpy(gguf_quants.dequantize(raw, GGMLQuantizationType.Q8_0).astype(np.float32))
+    blocks = from_gguf(raw, "Q8_0", (n, k))
     # the file's blocks, not a copy: a loaded model holds only the kernels' layout
-    assert blocks.format.name == name and blocks.qweight.data_ptr() == raw.ctypes.data
+    assert blocks.format.name == "Q8_0" and blocks.qweight.data_ptr() == raw.ctypes.data
     assert torch.equal(blocks.dequantize(torch.float32), expect)
-    qw = gguf_to_int(blocks)
-    assert qw.format.name == ("int8" if name == "Q8_0" else "int4") and qw.group_size == 32
-    # the block scales (and Q4_1's mins, Q4_0's -8d) stay float16, as stored
-    assert [t.dtype for t in qw.tensors()[1:]] == [torch.float16] * (2 if qw.format.name == "int4" else 1)
-    assert [t.dtype for t in qw.packed()[1:]] == [torch.float16] * (2 if qw.format.name == "int4" else 1)
+    qw = q8_0_to_int8(blocks)
+    assert qw.format.name == "int8" and qw.group_size == 32
+    # the block scales stay float16, as stored
+    assert qw.scales.dtype == qw.packed()[1].dtype == torch.float16
     assert all(torch.equal(a, b) for a, b in zip(blocks.packed(), qw.packed()))
     assert torch.equal(qw.dequantize(torch.float32), expect)
-    assert torch.equal(from_gguf(raw.tobytes(), name, (n, k)).dequantize(torch.float32), expect)
-    # and through the CPU kernels' layout
-    if qw.format.name == "int4":
-        got = torch.ops.flashgen.int4_dequantize(*qw.packed(), 32, n, k, torch.float32)
-    else:
-        got = torch.ops.flashgen.int8_dequantize(*qw.packed(), n, k, torch.float32)
-    assert torch.equal(got, expect)
+    assert torch.equal(from_gguf(raw.tobytes(), "Q8_0", (n, k)).dequantize(torch.float32), expect)
+    assert torch.equal(torch.ops.flashgen.int8_dequantize(*qw.packed(), n, k, torch.float32), expect)
     # the CPU linears give what float32 scales of the same values give, on both ISA paths
-    full = QuantizedWeight(qw.format, qw.qweight, *(t.float() for t in qw.tensors()[1:]), group_size=32)
-    linears = [K.int4_linear] if qw.format.name == "int4" else [K.int8_linear, K.int8_linear_dynamic]
+    full = QuantizedWeight(qw.format, qw.qweight, qw.scales.float(), group_size=32)
     x = torch.randn(5, k)
     for isa in ("vnni", "avx2"):
         monkeypatch.setenv("FLASHGEN_QUANT_ISA", isa)
-        for linear in linears:
+        for linear in (K.int8_linear, K.int8_linear_dynamic):
             assert torch.equal(linear(x, qw), linear(x, full)), (isa, linear.__name__)
-        assert torch.equal(K.ggml_linear(x, blocks), linears[0](x, qw)), isa
+        assert torch.equal(K.ggml_linear(x, blocks), K.int8_linear(x, qw)), isa
 
 
 @pytest.mark.parametrize("name", ["Q4_1", "Q8_0", "Q5_0"])
@@ -71,18 +63,6 @@ def test_file_blocks_stack_without_a_copy(name):
     assert torch.equal(module(x), K.ggml_linear(x, whole))
     with pytest.raises(ValueError, match="one length"):
         QuantizedWeight(name, [parts[0].qweight, parts[1].qweight[:, :-1]], group_size=parts[0].group_size)
-
-
-def test_gguf_q4_0_offsets_beyond_float16_fall_back_to_float32():
-    n, k = 2, 64
-    d = np.array([[60000.0, 1.0], [2.0, -9000.0]], dtype=np.float16)  # |8d| = 480000 and 72000 overflow float16
-    codes = np.random.randint(0, 256, (n, k // 32, 16), dtype=np.uint8)
-    raw = np.concatenate([d[..., None].view(np.uint8), codes], axis=-1).reshape(n, -1)
-    expect = torch.from_numpy(gguf_quants.dequantize(raw, GGMLQuantizationType.Q4_0).astype(np.float32))
-    qw = gguf_to_int(from_gguf(raw, "Q4_0", (n, k)))
-    assert qw.scales.dtype == qw.offsets.dtype == torch.float32
-    assert torch.equal(qw.dequantize(torch.float32), expect)
-    assert torch.equal(torch.ops.flashgen.int4_dequantize(*qw.packed(), 32, n, k, torch.float32), expect)
 
 
 def test_gguf_bad_input():

@@ -5,7 +5,7 @@
 //   w[i] = d * sc[j] * (v(q[i]) - zero) - dmin * mn[j]        (j = i / sub, the sub-block of `sub` weights)
 // with unsigned codes q of lo_bits + hi_bits bits, v(q) = q (or kIq4Values[q] for IQ4_NL / IQ4_XS), int8
 // sub-block scales sc (1 where the type has none), uint8 sub-block mins mn (types with mins), and float16 d,
-// dmin per super-block. Q5_1's float min per block of 32 is dmin = -m with mn = 1. kernels/ggml.py holds the
+// dmin per super-block. Q4_1's and Q5_1's float min per block of 32 is dmin = -m with mn = 1. kernels/ggml.py holds the
 // same definitions (the reference dequantizers).
 //
 // Prepacked layout: uint8 (T, K / S, kind.tile_bytes) with T = ceil(N / 16) tiles of 16 output rows (rows past
@@ -32,7 +32,7 @@ namespace flashgen::cpu::quant::ggml {
 
 // GGML type ids (ggml.h's enum ggml_type, gguf-py's GGMLQuantizationType)
 enum Type : int64_t {
-  kQ5_0 = 6, kQ5_1 = 7, kQ2_K = 10, kQ3_K = 11, kQ4_K = 12, kQ5_K = 13, kQ6_K = 14, kIQ4_NL = 20, kIQ4_XS = 23
+  kQ4_0 = 2, kQ4_1 = 3, kQ5_0 = 6, kQ5_1 = 7, kQ2_K = 10, kQ3_K = 11, kQ4_K = 12, kQ5_K = 13, kQ6_K = 14, kIQ4_NL = 20, kIQ4_XS = 23
 };
 
 // IQ4_NL / IQ4_XS: the 4-bit codes index this table of values (kvalues_iq4nl)
@@ -56,8 +56,9 @@ struct Kind {
   constexpr int64_t tile_bytes() const { return d_offset() + (mins ? 4 : 2) * kTileRows; }
 };
 
-// Q5_1's min is a float per block (w = d q + m): the mins machinery with dmin = -m and mn = 1.
+// Q4_1's and Q5_1's min is a float per block (w = d q + m): the mins machinery with dmin = -m and mn = 1.
 inline constexpr Kind kKinds[] = {
+    {kQ4_0, 32, 18, 4, 0, 32, 8, false, false},      {kQ4_1, 32, 20, 4, 0, 32, 0, false, true},
     {kQ5_0, 32, 22, 4, 1, 32, 16, false, false},     {kQ5_1, 32, 24, 4, 1, 32, 0, false, true},
     {kQ2_K, 256, 84, 2, 0, 16, 0, true, true, false, true},
     {kQ3_K, 256, 110, 2, 1, 16, 4, true, false},     {kQ4_K, 256, 144, 4, 0, 32, 0, true, true},

@@ -279,13 +279,15 @@ void linear_rows(const float* x, int64_t m, int64_t k, const at::Tensor& packed,
   const int64_t sbs = k / kd.super, subs = k / kd.sub;
   QuantActs acts = quantize_acts_into(x, m, k, kd.super, sbs, false, 0, scratch.a(m, k), scratch.d(m * sbs), nullptr);
   int16_t* is = scratch.isum(m * subs);
-  for (int64_t r = 0; r < m; ++r)  // |is| <= 32 * 127
-    for (int64_t j = 0; j < subs; ++j) {
-      const int8_t* a = acts.a + r * acts.a_stride + j * kd.sub;
-      int32_t sum = 0;
-      for (int e = 0; e < kd.sub; ++e) sum += a[e];
-      is[r * subs + j] = static_cast<int16_t>(sum);
-    }
+  at::parallel_for(0, m, std::max<int64_t>(1, (int64_t{1} << 16) / k), [&](int64_t r0, int64_t r1) {
+    for (int64_t r = r0; r < r1; ++r)  // |is| <= 32 * 127
+      for (int64_t j = 0; j < subs; ++j) {
+        const int8_t* a = acts.a + r * acts.a_stride + j * kd.sub;
+        int32_t sum = 0;
+        for (int e = 0; e < kd.sub; ++e) sum += a[e];
+        is[r * subs + j] = static_cast<int16_t>(sum);
+      }
+  });
   acts.isum = is, acts.isum_stride = subs;
   with_kind(type, [&](auto KI) { gemm<KI()>(acts, m, packed.data_ptr<uint8_t>(), n, k, y, use_vnni()); });
 }

@@ -18,7 +18,7 @@ const Kind& kind_of(int64_t type, const char* op) {
   for (const Kind& k : kKinds)
     if (k.type == type) return k;
   TORCH_CHECK(false, op, ": GGML type ", type,
-              " has no CPU kernel (supported: Q5_0, Q5_1, Q2_K, Q3_K, Q4_K, Q5_K, Q6_K, IQ4_NL, IQ4_XS)");
+              " has no CPU kernel (supported: Q4_0, Q4_1, Q5_0, Q5_1, Q2_K, Q3_K, Q4_K, Q5_K, Q6_K, IQ4_NL, IQ4_XS)");
 }
 
 namespace {
@@ -70,9 +70,13 @@ void decode(int64_t type, const uint8_t* b, Decoded& o) {
       o.d = half_at(b + 80), o.dmin = half_at(b + 82);
       return;
     }
-    case kIQ4_NL: {  // d, qs[16] (value j low nibble, j + 16 high)
-      for (int j = 0; j < 16; ++j) o.q[j] = b[2 + j] & 0xF, o.q[j + 16] = b[2 + j] >> 4;
+    case kQ4_0:
+    case kQ4_1:
+    case kIQ4_NL: {  // d, (m), qs[16] (value j low nibble, j + 16 high)
+      const int off = type == kQ4_1 ? 4 : 2;
+      for (int j = 0; j < 16; ++j) o.q[j] = b[off + j] & 0xF, o.q[j + 16] = b[off + j] >> 4;
       o.sc[0] = 1, o.d = half_at(b);
+      if (type == kQ4_1) o.mn[0] = 1, o.dmin = half_at(b + 2) ^ 0x8000;
       return;
     }
     case kIQ4_XS: {  // d, scales_h (u16), scales_l[4], qs[128]: 8 sub-blocks of 32, scale ls - 32 of 6 bits

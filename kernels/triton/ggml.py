@@ -16,6 +16,8 @@ layout); "bits", one more bit per code (K/8 bytes, bit t of byte j is column 8j 
 | Q5_0   | nibbles, bits; d                                 | 22 (22)    | d (q - 16)                             |
 | Q5_1   | nibbles, bits; d, m                              | 24 (24)    | d q + m                                |
 | IQ4_NL | nibbles; d                                       | 18 (18)    | d v[q]                                 |
+| Q4_0   | nibbles; d                                       | 18 (18)    | d (q - 8)                              |
+| Q4_1   | nibbles; d, m                                    | 20 (20)    | d q + m                                |
 
 The products are kernels/ggml.py's in the same order (d sc is exact in float32) and the kernels are compiled
 without fused multiply-adds, so the dequantized values are the file's bit for bit. The GEMM is quant.py's:
@@ -140,12 +142,12 @@ def _ggml_tile(w_ptr, offs_n, k0, N, K, R, TYPE: tl.constexpr, G: tl.constexpr, 
         ls = _sub_bytes(rows, at, k0, mask, 32, BLOCK_K).to(tl.int8).to(tl.float32)
         d = _half(rows + at + K // 32 + 2 * block, mask)
         return _per_sub(_iq4_value(q), d * ls, None, 32)
-    else:  # blocks of 32 with one d: Q5_0 d (q - 16), Q5_1 d q + m, IQ4_NL d v[q]
+    else:  # blocks of 32 with one d: Q5_0 / Q4_0 d (q - 16 / 8), Q5_1 / Q4_1 d q + m, IQ4_NL d v[q]
         d = _half(rows + at + 2 * block, mask)
         if TYPE == 20:
             return _per_sub(_iq4_value(q), d, None, BLOCK_K)
-        elif TYPE == 6:
-            return _per_sub((q - 16).to(tl.float32), d, None, BLOCK_K)
+        elif TYPE == 6 or TYPE == 2:
+            return _per_sub((q - (16 if TYPE == 6 else 8)).to(tl.float32), d, None, BLOCK_K)
         else:
             m = _half(rows + at + 2 * (K // G) + 2 * block, mask)
             return _per_sub(q.to(tl.float32), d, -m, BLOCK_K)  # - (-m) adds m exactly
@@ -252,6 +254,8 @@ def _planes(t, b):
         return [_nibbles_plane(q), (ls - 32).to(torch.int8).view(torch.uint8)]
     if name == "IQ4_NL":
         return [_nibbles_plane(ggml.iq4_nl_codes(b))]
+    if name in ("Q4_0", "Q4_1"):
+        return [_nibbles_plane(ggml.q4_0_codes(b))]
     q = ggml.q5_0_codes(b)  # Q5_0, Q5_1
     return [_nibbles_plane(q), _bits_plane(q >> 4)]
 
