@@ -91,9 +91,10 @@ def test_linear_of_one_hot_rows_reads_every_weight(name):
     assert torch.allclose(y.T.double(), w.dequantize(torch.float64), rtol=1e-6, atol=1e-6)
 
 
-def test_linear_batch_rows_are_independent():
+@pytest.mark.parametrize("name", ["Q4_K", "Q4_0", "Q4_1", "IQ4_NL"])  # blocks of 32: other kernels past 4 rows
+def test_linear_batch_rows_are_independent(name):
     """A row's result does not depend on the rows computed beside it (batch invariance)."""
-    w = random_weight("Q4_K", 33, 512, seed=3)
+    w = random_weight(name, 33, 512, seed=3)
     x = torch.randn(70, 512)
     alone = torch.cat([ggml_linear(x[i:i + 1], w) for i in range(70)])
     assert torch.equal(ggml_linear(x, w), alone)

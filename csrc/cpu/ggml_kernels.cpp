@@ -9,6 +9,7 @@
 // zero and min terms as one madd per pair of sub-blocks against the activation sums; the float work is once
 // per super-block. The VNNI kernel scales each sub-block's vpdpbusd sums in float32. A tile-block's codes are
 // unpacked once per call into 8 vectors of 4 features x 16 rows and serve the call's R activation rows.
+// 4-bit blocks of 32 (Q4_0, Q4_1, IQ4_NL) go through tile32_vnni, shaped as int4's kernel.
 #include <immintrin.h>
 
 #include "cpu/cpu_features.h"
@@ -20,7 +21,7 @@
 namespace flashgen::cpu::quant::ggml {
 namespace {
 
-constexpr int kVnniRows = 4, kAvx2Rows = 4;
+constexpr int kVnniRows = 4, kVnniTiles = 2, kAvx2Rows = 4;
 
 // ---------------------------------------------------------------- AVX-512 VNNI
 // Codes of a tile-block: q[g] holds features 4g .. 4g + 3 of the 16 rows.
@@ -120,6 +121,58 @@ FLASHGEN_AVX512_VNNI void tile_vnni(const QuantActs& x, const uint8_t* w, int64_
     }
   }
   for (int r = 0; r < R; ++r) _mm512_storeu_ps(out + r * ldo, acc[r]);
+}
+
+// 4-bit blocks of 32 with one d (Q4_0, Q4_1, IQ4_NL): tile_vnni's sums, but shaped as int4's kernel: C tiles side
+// by side share each broadcast activation, and the codes are unpacked 64 bytes (8 features) at a time, so the
+// accumulators of C x R rows fit the registers. The float operations are tile_vnni's (its sub-block sums of one
+// term are that term exactly), so results do not change. Measured against the int4 kernels on the same codes,
+// alternating in one process (2 threads): 1B Q4_0 prefill +6%, decode +28%; default model (Q4_1) -4% / +7%.
+template <int KI, int R, int C>
+FLASHGEN_AVX512_VNNI void tile32_vnni(const QuantActs& x, const uint8_t* w, int64_t w_stride, int64_t sbs, float* out,
+                                      int64_t ldo) {
+  constexpr Kind kd = kKinds[KI];
+  constexpr int zero = kd.lut ? kLutZero : kd.zero;
+  alignas(16) uint8_t lut_bytes[16];
+  for (int i = 0; i < 16; ++i) lut_bytes[i] = static_cast<uint8_t>(kIq4Values[i] + kLutZero);
+  const __m512i lut = _mm512_broadcast_i32x4(_mm_load_si128(reinterpret_cast<const __m128i*>(lut_bytes)));
+  const __m512i low = _mm512_set1_epi8(0x0F);
+  __m512 acc[C][R];
+  for (int c = 0; c < C; ++c)
+    for (int r = 0; r < R; ++r) acc[c][r] = _mm512_setzero_ps();
+  for (int64_t s = 0; s < sbs; ++s) {
+    __m512i id[C][R];
+    for (int c = 0; c < C; ++c)
+      for (int r = 0; r < R; ++r) id[c][r] = _mm512_setzero_si512();
+    for (int v = 0; v < 4; ++v) {
+      __m512i lo[C], hi[C];
+      for (int c = 0; c < C; ++c) {
+        const __m512i raw = _mm512_loadu_si512(w + c * w_stride + s * kd.tile_bytes() + v * 64);
+        lo[c] = _mm512_and_si512(raw, low), hi[c] = _mm512_and_si512(_mm512_srli_epi16(raw, 4), low);
+        if constexpr (kd.lut) lo[c] = _mm512_shuffle_epi8(lut, lo[c]), hi[c] = _mm512_shuffle_epi8(lut, hi[c]);
+      }
+      for (int r = 0; r < R; ++r) {
+        const int8_t* a = x.a + r * x.a_stride + s * kBlock + v * 8;
+        const __m512i a0 = _mm512_set1_epi32(load4(a)), a1 = _mm512_set1_epi32(load4(a + 4));
+        for (int c = 0; c < C; ++c)
+          id[c][r] = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(id[c][r], lo[c], a0), hi[c], a1);
+      }
+    }
+    for (int r = 0; r < R; ++r) {
+      const float is = x.isum[r * x.isum_stride + s];
+      const __m512 da = _mm512_set1_ps(x.d[r * x.d_stride + s]);
+      for (int c = 0; c < C; ++c) {
+        const uint8_t* p = w + c * w_stride + s * kd.tile_bytes();
+        const __m512 t = zero ? _mm512_sub_ps(_mm512_cvtepi32_ps(id[c][r]), _mm512_set1_ps(zero * is))
+                              : _mm512_cvtepi32_ps(id[c][r]);
+        acc[c][r] = _mm512_fmadd_ps(_mm512_mul_ps(halfx16(p + kd.d_offset()), da), t, acc[c][r]);
+        if constexpr (kd.mins)
+          acc[c][r] = _mm512_fnmadd_ps(_mm512_mul_ps(halfx16(p + kd.dmin_offset()), da), _mm512_set1_ps(is), acc[c][r]);
+      }
+    }
+  }
+  for (int c = 0; c < C; ++c)
+    for (int r = 0; r < R; ++r) _mm512_storeu_ps(out + r * ldo + c * kTileRows, acc[c][r]);
 }
 
 // ---------------------------------------------------------------- AVX2 (each 256-bit half: 8 rows)
@@ -264,6 +317,14 @@ template <int KI>
 void gemm(const QuantActs& x, int64_t m, const uint8_t* w, int64_t n, int64_t k, float* out, bool vnni) {
   constexpr Kind kd = kKinds[KI];
   const int64_t sbs = k / kd.super, stride = sbs * kd.tile_bytes();
+  if constexpr (kd.super == kBlock && kd.lo_bits == 4 && kd.hi_bits == 0 && !kd.scales) {
+    auto tile = [&](int64_t t, auto NT, const QuantActs& xr, auto R, float* dst, int64_t ldo) {
+      tile32_vnni<KI, R(), NT()>(xr, w + t * stride, stride, sbs, dst, ldo);
+    };
+    // Two tiles per call pay off once the rows reuse them; a decode step streams faster one tile at a time.
+    if (vnni && m > kVnniRows) return run_tiles<kVnniRows, kVnniTiles>(x, m, n, k / kBlock, out, tile);
+    if (vnni) return run_tiles<kVnniRows, 1>(x, m, n, k / kBlock, out, tile);
+  }
   if (vnni)
     run_tiles<kVnniRows, 1>(x, m, n, k / kBlock, out, [&](int64_t t, auto, const QuantActs& xr, auto R, float* dst,
                                                           int64_t ldo) { tile_vnni<KI, R()>(xr, w + t * stride, sbs, dst, ldo); });
