@@ -112,8 +112,9 @@ class _FrozenQuantized(nn.Module):
 
     def _apply(self, fn, recurse=True):
         # fn converts a tensor (device and/or dtype); only its device applies to the codes and scales.
-        device = fn(torch.empty(0, device=self._qweight.device)).device
-        frozen = {name: self._buffers.pop(name) for name in _quant_buffers(self._qweight)}
+        weight = self.weight  # rebuilt from the buffers if they were replaced
+        device = fn(torch.empty(0, device=weight.device)).device
+        frozen = {name: self._buffers.pop(name) for name in _quant_buffers(weight)}
         try:
             super()._apply(fn, recurse)
         finally:

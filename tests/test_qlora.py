@@ -72,6 +72,11 @@ def test_quantized_tensors_are_buffers_and_survive_dtype_casts():
 
     set_module_tensor_to_device(layer, "scales", "cpu", value=qw.scales * 2)
     assert torch.equal(layer.weight.scales, qw.scales * 2)
+    # and a later dtype conversion keeps the codes where the replaced buffers put them
+    moved = QuantizedLinear(qw)
+    set_module_tensor_to_device(moved, "qweight", "meta")
+    moved.half()
+    assert moved.qweight.is_meta and moved.scales.is_meta and moved.weight.device.type == "meta"
     x = torch.randn(2, 64)
     layer.exact = True
     expected = x @ layer.weight.dequantize().t() + layer.bias.float()
