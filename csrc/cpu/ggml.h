@@ -18,7 +18,8 @@
 //     hi2 (128 bytes): byte (g / 4) * 64 + r * 4 + j, bits 2 (g % 4) .. +1
 //   so a 64-byte vector holds 4 features x 16 rows, lined up with a broadcast 4-byte activation (vpdpbusd);
 //   sc int8 (S / sub, 16) if the type has sub-block scales; mn uint8 (S / sub, 16) if it has mins (Q2_K: one
-//   byte sc | mn << 4 per sub-block, as in its file); d float16 (16); dmin float16 (16) if it has mins.
+//   byte sc | mn << 4 per sub-block, as in its file; none for Q4_1 / Q5_1, whose mn is 1); d float16 (16); dmin
+//   float16 (16) if it has mins.
 #pragma once
 
 #include <ATen/ATen.h>
@@ -49,9 +50,11 @@ struct Kind {
   constexpr int64_t hi_bytes() const { return hi_bits * 64; }
   constexpr int64_t code_bytes() const { return lo_bytes() + hi_bytes(); }  // per block of 32, per tile
   constexpr int64_t subs() const { return super / sub; }
+  // mins of their own bytes; a float min per block (Q4_1, Q5_1) has mn = 1, not stored
+  constexpr bool mn_plane() const { return mins && super != kBlock; }
   constexpr int64_t sc_offset() const { return super / kBlock * code_bytes(); }
   constexpr int64_t mn_offset() const { return nibble_scales ? sc_offset() : sc_offset() + (scales ? subs() * kTileRows : 0); }
-  constexpr int64_t d_offset() const { return mn_offset() + (mins ? subs() * kTileRows : 0); }
+  constexpr int64_t d_offset() const { return mn_offset() + (mn_plane() ? subs() * kTileRows : 0); }
   constexpr int64_t dmin_offset() const { return d_offset() + 2 * kTileRows; }
   constexpr int64_t tile_bytes() const { return d_offset() + (mins ? 4 : 2) * kTileRows; }
 };

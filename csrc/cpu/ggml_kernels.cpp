@@ -99,7 +99,7 @@ FLASHGEN_AVX512_VNNI void tile_vnni(const QuantActs& x, const uint8_t* w, int64_
           mnf = _mm512_cvtepi32_ps(_mm512_srli_epi32(raw, 4));
         } else {
           if constexpr (kd.scales) scf = int8x16(p + kd.sc_offset() + j * kTileRows);
-          if constexpr (kd.mins) mnf = uint8x16(p + kd.mn_offset() + j * kTileRows);
+          if constexpr (kd.mins) mnf = kd.mn_plane() ? uint8x16(p + kd.mn_offset() + j * kTileRows) : _mm512_set1_ps(1.f);
         }
         for (int r = 0; r < R; ++r) {
           const int8_t* a = x.a + r * x.a_stride + blk * kBlock;
@@ -224,6 +224,7 @@ inline __m128i scales8(const uint8_t* p, int j, int rh) {
 template <int KI>
 inline __m128i mins8(const uint8_t* p, int j, int rh) {
   constexpr Kind kd = kKinds[KI];
+  if constexpr (!kd.mn_plane()) return _mm_set1_epi8(1);
   const __m128i raw = load64(p + kd.mn_offset() + j * kTileRows + rh * 8);
   return kd.nibble_scales ? _mm_and_si128(_mm_srli_epi16(raw, 4), _mm_set1_epi8(0xF)) : raw;
 }

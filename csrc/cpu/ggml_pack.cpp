@@ -169,7 +169,7 @@ void put_row(const Kind& kd, const Decoded& o, int64_t r, uint8_t* tile) {
       continue;
     }
     if (kd.scales) *at = static_cast<uint8_t>(o.sc[j]);
-    if (kd.mins) tile[kd.mn_offset() + j * kTileRows + r] = o.mn[j];
+    if (kd.mn_plane()) tile[kd.mn_offset() + j * kTileRows + r] = o.mn[j];
   }
   std::memcpy(tile + kd.d_offset() + 2 * r, &o.d, 2);
   if (kd.mins) std::memcpy(tile + kd.dmin_offset() + 2 * r, &o.dmin, 2);
@@ -189,7 +189,7 @@ Decoded get_row(const Kind& kd, const uint8_t* tile, int64_t r) {
   for (int64_t j = 0; j < kd.subs(); ++j) {
     const uint8_t sc = kd.scales ? tile[kd.sc_offset() + j * kTileRows + r] : 1;
     o.sc[j] = static_cast<int8_t>(kd.nibble_scales ? sc & 0xF : sc);
-    o.mn[j] = !kd.mins ? 0 : kd.nibble_scales ? sc >> 4 : tile[kd.mn_offset() + j * kTileRows + r];
+    o.mn[j] = !kd.mins ? 0 : !kd.mn_plane() ? 1 : kd.nibble_scales ? sc >> 4 : tile[kd.mn_offset() + j * kTileRows + r];
   }
   std::memcpy(&o.d, tile + kd.d_offset() + 2 * r, 2);
   if (kd.mins) std::memcpy(&o.dmin, tile + kd.dmin_offset() + 2 * r, 2);
