@@ -1,7 +1,8 @@
 """CPU speed of the quantized linears against torch F.linear in float32 and bfloat16, in one run.
 
 Implementations: f32 / bf16 (torch F.linear, activations in that dtype), bf16w (flashgen::half_linear: a
-bfloat16 weight under float32 activations, as a bfloat16 checkpoint runs), int4, int8, w8a8 (flashgen).
+bfloat16 weight under float32 activations, as a bfloat16 checkpoint runs), int4, int8, w8a8, and the GGUF block
+types of a Q4_K_M file, q4_k and q6_k (flashgen::ggml_linear over random blocks).
 
 Shapes (K, N): SmolLM2-135M's layers (576x576, 576x1536, 1536x576, 576x49152 = the output head) and a 7B-class
 layer (4096x4096, 4096x11008); M = 1, 4, 16, 128 rows. For each case: time (best of the rounds) and the
@@ -29,12 +30,13 @@ import torch
 import torch.nn.functional as F
 
 import flashgen.kernels as K
+from flashgen.kernels import ggml
 from timing import best_time, fixed_threads
 
 log = logging.getLogger("flashgen.bench")
 SHAPES = [(576, 576), (576, 1536), (1536, 576), (576, 49152), (4096, 4096), (4096, 11008)]
 MS = [1, 4, 16, 128]
-IMPLS = ["f32", "bf16", "bf16w", "int4", "int8", "w8a8"]
+IMPLS = ["f32", "bf16", "bf16w", "int4", "int8", "w8a8", "q4_k", "q6_k"]
 TARGETS = {"int4": 4.0, "int8": 2.5}  # speed-up over f32 at M = 1, K = N = 4096
 THREADS = 2
 MIN_TIME = 0.3  # seconds of calls timed per case
@@ -66,7 +68,12 @@ def _build(kind, k, n, cold):
     if kind in ("f32", "bf16", "bf16w"):
         first = w if kind == "f32" else w.bfloat16()
         return [first] + [first.clone() for _ in range(copies_for(_nbytes(first), cold) - 1)]
-    first = K.quantize_int4(w, 32) if kind == "int4" else K.quantize_int8(w)
+    if kind in ("q4_k", "q6_k"):
+        t = ggml.BLOCK_TYPES[kind.upper()]
+        blocks = ggml.random_blocks(t.name, n * k // t.block, torch.Generator().manual_seed(0))
+        first = K.QuantizedWeight(t.name, blocks.reshape(n, -1))
+    else:
+        first = K.quantize_int4(w, 32) if kind == "int4" else K.quantize_int8(w)
     del w
     copies = [first] + [first.to(first.device) for _ in range(copies_for(_nbytes(first), cold) - 1)]
     ptrs = {t.data_ptr() for q in copies for t in q.packed()}  # a copy is .to() its own device: packs anew
@@ -103,9 +110,14 @@ def case(impl, k, n, m, cold=True):
     elif impl == "bf16w":
         fn = lambda: torch.ops.flashgen.half_linear(x, next(ws), None)  # noqa: E731
     else:
-        linear = {"int4": K.int4_linear, "int8": K.int8_linear, "w8a8": K.int8_linear_dynamic}[impl]
+        linear = {"int4": K.int4_linear, "int8": K.int8_linear, "w8a8": K.int8_linear_dynamic}.get(impl, K.ggml_linear)
         fn = lambda: linear(x, next(ws))  # noqa: E731
     return fn, _nbytes(copies[0])
+
+
+def fits(impl, k):
+    """Whether `impl` takes rows of k features (a GGML type's rows are whole blocks: 256 for the K-quants)."""
+    return impl not in ("q4_k", "q6_k") or k % ggml.BLOCK_TYPES[impl.upper()].block == 0
 
 
 def time_case(impl, k, n, m, cold=True, **timing):
@@ -121,6 +133,8 @@ _threads = fixed_threads(THREADS)
 @pytest.mark.parametrize("k,n", SHAPES)
 @pytest.mark.parametrize("impl", IMPLS)
 def test_linear(benchmark, impl, k, n, m):
+    if not fits(impl, k):
+        pytest.skip(f"{impl} rows are whole blocks; K={k} is not")
     fn, nbytes = case(impl, k, n, m)
     benchmark.group = f"K={k} N={n} M={m}"
     benchmark.pedantic(fn, rounds=10, iterations=3, warmup_rounds=1)
@@ -162,12 +176,13 @@ def main():
     for k, n in shapes:
         # impl by impl over all M, so only one kind of weight copies is held at a time
         t, nbytes = {}, {}
-        for impl in IMPLS:
+        impls = [i for i in IMPLS if fits(i, k)]
+        for impl in impls:
             for m in MS:
                 t[impl, m], nbytes[impl] = time_case(impl, k, n, m, args.cold, min_time=args.min_time, clock=clock)
         for m in MS:
             cells = [f"{t[i, m] * 1e3:8.3f} ({nbytes[i] / t[i, m] / 1e9:5.1f}) [{t['f32', m] / t[i, m]:4.1f}x]"
-                     for i in IMPLS]
+                     if i in impls else "-" for i in IMPLS]
             print(f"{k:>5} {n:>6} {m:>4} " + " ".join(f"{c:>24}" for c in cells), flush=True)
 
 
