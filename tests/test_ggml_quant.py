@@ -91,7 +91,7 @@ def test_linear_of_one_hot_rows_reads_every_weight(name):
     assert torch.allclose(y.T.double(), w.dequantize(torch.float64), rtol=1e-6, atol=1e-6)
 
 
-@pytest.mark.parametrize("name", ["Q4_K", "Q4_0", "Q4_1", "IQ4_NL"])  # blocks of 32: other kernels past 4 rows
+@pytest.mark.parametrize("name", ["Q4_K", "Q6_K", "Q3_K", "Q4_0", "Q4_1", "IQ4_NL"])  # each kernel shape
 def test_linear_batch_rows_are_independent(name):
     """A row's result does not depend on the rows computed beside it (batch invariance)."""
     w = random_weight(name, 33, 512, seed=3)
