@@ -321,8 +321,8 @@ class QuantizedWeight:
             raise ValueError("QuantizedWeight.cat: every part must have the same format, group size and in_features")
         shape, kw = (sum(p.out_features for p in parts), first.in_features), {"dtype": first.dtype}
         if first.format.file_blocks:
-            return QuantizedWeight(first.format, [r for p in parts for r in p.qweight_parts], group_size=first.group_size,
-                                   shape=shape, **kw)
+            rows = [r for p in parts for r in p.qweight_parts]
+            return QuantizedWeight(first.format, rows, group_size=first.group_size, shape=shape, **kw)
         tensors = [None if getattr(first, a) is None else torch.cat([getattr(p, a) for p in parts])
                    for a in ("qweight", "scales", "offsets")]
         return QuantizedWeight(first.format, *tensors, group_size=first.group_size, shape=shape, **kw)

@@ -152,18 +152,18 @@ struct CpuLinear : torch::CustomClassHolder {
         return quant::int8_linear_rows(x, m, in, p.w[0], p.w[1], p.out, p.kind == kInt8Dynamic, y, scratch);
       case kGgml:
         return quant::ggml::linear_rows(x, m, in, p.w[0], p.param, p.out, y, scratch);
-      case kHalf:
+      case kHalf:  // its kernel sums each row on its own
+        return quant::half_linear_rows(x, m, in, p.w[0], p.out, y);
       case kFloat:
         return float_rows(p, x, m, y);
     }
   }
 
-  // A 16-bit weight's kernel sums each row on its own. The float32 weight products go through at::mm, whose row
-  // results depend on the number of rows for small counts (its small-M kernels sum in another order) but not for
-  // multiples of 4 (measured on MKL, 1 and 2 threads; tests/test_serving.py checks it): rows are padded to a
-  // multiple of 4 with zeros, so a token's product does not depend on what else is in the step.
+  // The float32 weight products go through at::mm, whose row results depend on the number of rows for small
+  // counts (its small-M kernels sum in another order) but not for multiples of 4 (measured on MKL, 1 and 2
+  // threads; tests/test_serving.py checks it): rows are padded to a multiple of 4 with zeros, so a token's product
+  // does not depend on what else is in the step.
   void float_rows(const Part& p, const float* x, int64_t m, float* y) const {
-    if (p.kind == kHalf) return quant::half_linear_rows(x, m, in, p.w[0], p.out, y);
     const int64_t padded = (m + 3) / 4 * 4;
     const float* xp = x;
     float* yp = y;
