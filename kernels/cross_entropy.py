@@ -3,11 +3,12 @@
     z = hidden @ weight.T + bias,   loss_n = logsumexp(z_n) - z_n[target_n]   (0 where target_n == ignore_index)
     dz = g (softmax(z) - onehot(target)),  dhidden = dz @ weight,  dweight = dz.T @ hidden,  dbias = sum_n dz
 
-The kernels walk the rows in chunks: the forward keeps only each row's lse (float32), and the backward
-recomputes a chunk's logits, turns them into dz in place and accumulates the gradients, so the memory beyond
-the inputs and gradients is one chunk of logits, whatever the vocabulary. The mean over valid rows is a
+The kernels walk the logits in pieces (CPU: tiles of a row block by a vocabulary chunk; Triton: chunks of
+rows): the forward keeps only each row's lse (float32), and the backward recomputes a piece's logits, turns
+them into dz in place and accumulates the gradients, so the memory beyond the inputs and gradients is one
+piece of logits, whatever the vocabulary. The mean over valid rows is a
 tensor division (no host sync), so the op traces under torch.compile(fullgraph=True). Losses are float32.
-Kernels: C++ on CPU (chunked GEMMs through ATen, SIMD softmax), Triton on NVIDIA GPUs (the row softmax /
+Kernels: C++ on CPU (tiled GEMMs through ATen, SIMD softmax), Triton on NVIDIA GPUs (the row softmax /
 gradient in place), the PyTorch reference elsewhere.
 """
 import torch

@@ -1,5 +1,5 @@
 """Fused linear cross-entropy on the CPU kernel against F.cross_entropy of float64 logits: losses, gradients of
-hidden / weight / bias, ignore_index (all-ignored too), reductions, several row chunks, opcheck, compile."""
+hidden / weight / bias, ignore_index (all-ignored too), reductions, several tiles, opcheck, compile."""
 import pytest
 import torch
 import torch.nn.functional as F
@@ -7,8 +7,9 @@ import torch.nn.functional as F
 from flashgen.kernels import linear_cross_entropy
 from test_norm import assert_close
 
-# (rows, hidden, vocab): one row; odd sizes; a vocabulary whose chunks hold 52 rows, so 97 rows take two
-CASES = [(1, 8, 5), (97, 40, 1025), (97, 24, 40000)]
+# (rows, hidden, vocab): one row; odd sizes; the kernel's tiles (1024 rows x 2^21 logits) split 97 rows' 40000
+# classes into two vocabulary chunks, and 1025 rows into two row blocks of two chunks each (the last ones partial)
+CASES = [(1, 8, 5), (97, 40, 1025), (97, 24, 40000), (1025, 16, 3000)]
 
 
 def _eager(h, w, t, b, ignore_index=-100, reduction="mean"):

@@ -3,6 +3,7 @@
 Tiny random models of tests/tiny_models.py; float32 comparisons are tight, bfloat16 ones are bounded by the
 unpatched model's own bfloat16 error against float32 (the FlashAttention rule).
 """
+import contextlib
 import copy
 import os
 import subprocess
@@ -13,7 +14,7 @@ import torch
 
 transformers = pytest.importorskip("transformers")
 
-from flashgen.integrations import apply_flashgen, fg_attention, register_attention, unapply_flashgen  # noqa: E402
+from flashgen.integrations import apply_flashgen, fg_attention, recompute, register_attention, unapply_flashgen  # noqa: E402,E501
 from tiny_models import VOCAB_SIZE, make_model  # noqa: E402
 
 ARCHS = ["llama", "mistral", "qwen2", "qwen3", "phi3"]
@@ -99,6 +100,41 @@ def test_training_loss_curves_match(arch):
     for (name, p_ref), (_, p) in zip(ref.named_parameters(), fused.named_parameters()):
         torch.testing.assert_close(p, p_ref, rtol=1e-4, atol=1e-5, msg=lambda m: f"{name}: {m}")
     assert max(curve[-3:]) < min(curve[:3])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("arch", ARCHS + ["gemma"])
+def test_recomputed_activations_give_the_same_gradients(arch, dtype, monkeypatch):
+    """recompute_activations: the same loss and gradients bit for bit, with the norms' and gating's outputs and
+    the padded attention output saved as recipes (each linear input that is one of them)."""
+    registries = []
+    recomputing = recompute.recomputing
+
+    @contextlib.contextmanager
+    def spy():
+        with recomputing() as registry:
+            registries.append(registry)
+            yield registry
+
+    monkeypatch.setattr(recompute, "recomputing", spy)
+    model = _model(arch, dtype)
+    rebuilt = apply_flashgen(copy.deepcopy(model), recompute_activations=True)
+    kept = apply_flashgen(model, recompute_activations=False)
+    ids, mask = _batch()
+    grads = []
+    for model in (kept, rebuilt):
+        loss = model(input_ids=ids, attention_mask=mask, labels=ids.masked_fill(mask == 0, -100)).loss
+        loss.backward()
+        grads.append([loss] + [p.grad for p in model.parameters()])
+    for a, b in zip(*grads):
+        assert torch.equal(a, b)
+    layers = kept.config.num_hidden_layers
+    assert len(registries) == layers
+    # per layer: q, k, v (or qkv) and gate, up (or gate_up) projections read norm outputs; down reads the
+    # gating (not Gemma's GELU MLP); o_proj the padded attention output
+    fused = hasattr(kept.model.layers[0].mlp, "gate_up_proj")
+    expected = (2 if fused else 5) + (arch != "gemma") + 1
+    assert [r.saved for r in registries] == [expected] * layers
 
 
 @pytest.mark.parametrize("arch", ["llama", "qwen2", "phi3"])

@@ -1,10 +1,13 @@
 // Fused linear cross-entropy for the CPU: flashgen::linear_cross_entropy_fwd / _bwd (math in
 // kernels/cross_entropy.py and kernels/reference.py).
 //
-// Rows go in chunks of at most kChunkElems / V rows: a chunk's logits z = h W^T + b are one float32 GEMM
-// (ATen's, into a buffer padded to a multiple of 16 columns with -inf), each row's softmax runs on the SIMD
-// exp over threads, and the backward turns the same buffer into dz in place before two more GEMMs
-// (dh = dz W, dW += dz^T h). 16-bit inputs are widened to float32 once (weight) or per chunk (hidden).
+// The logits are formed one tile at a time: blocks of up to kRows rows by chunks of the vocabulary, at most
+// kTileElems float32 in all, each z = h W_c^T + b_c one ATen GEMM into a buffer whose padding columns hold -inf.
+// The forward folds each chunk into a running max and sum per row (the logsumexp, online); the backward, given
+// that logsumexp, turns each tile into dz in place and writes its gradients directly: dW_c += dz^T h (a chunk's
+// rows of dW, summed over row blocks only), dh += dz W_c (the row block's few MB). Tiling the vocabulary keeps
+// every GEMM large (a tile of rows x all of a 49k vocabulary would hold only 42 rows, and dW, 100+ MB, would be
+// read and written once per 42 rows). 16-bit inputs are widened to float32 once (weight) or per row block.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -12,18 +15,20 @@
 #include <algorithm>
 #include <cmath>
 #include <limits>
+#include <vector>
 
 #include "cpu/attention.h"
 
 namespace flashgen::cpu {
 namespace {
 
-constexpr int64_t kChunkElems = int64_t(1) << 21;  // 8 MiB of float32 logits per chunk
+constexpr int64_t kRows = 1024;
+constexpr int64_t kTileElems = int64_t(1) << 21;  // 8 MiB of float32 logits per tile
 constexpr float kNegInf = -std::numeric_limits<float>::infinity();
 
 struct Problem {
   at::Tensor h, w, b, target;  // h (N, H), w (V, H), b (V,) or undefined: float32; target int64 (N,)
-  int64_t n, v, vp, chunk;
+  int64_t n, v, rows, cols;     // rows x cols: the tile (cols a multiple of kVec)
   int64_t ignore_index;
 };
 
@@ -48,8 +53,9 @@ Problem check(const char* op, const at::Tensor& hidden, const at::Tensor& weight
   Problem p;
   p.n = hidden.size(0);
   p.v = weight.size(0);
-  p.vp = attn::round_up(p.v, attn::kVec);
-  p.chunk = std::clamp<int64_t>(kChunkElems / p.vp, 1, std::max<int64_t>(p.n, 1));
+  p.rows = std::clamp<int64_t>(p.n, 1, kRows);
+  p.cols = std::clamp<int64_t>(kTileElems / p.rows / attn::kVec * attn::kVec, attn::kVec,
+                               attn::round_up(p.v, attn::kVec));
   p.ignore_index = ignore_index;
   p.h = hidden.contiguous();
   p.w = weight.to(at::kFloat).contiguous();
@@ -62,30 +68,37 @@ Problem check(const char* op, const at::Tensor& hidden, const at::Tensor& weight
   return p;
 }
 
-// z (rows, vp) = h[r0 : r0 + rows] W^T + b, columns v .. vp - 1 set to -inf.
-void logits(const Problem& p, int64_t r0, int64_t rows, at::Tensor& buf) {
-  at::Tensor z = buf.narrow(0, 0, rows).narrow(1, 0, p.v);
-  at::Tensor h = p.h.narrow(0, r0, rows).to(at::kFloat);
-  if (p.b.defined()) {
-    at::addmm_out(z, p.b, h, p.w.t());
-  } else {
-    at::mm_out(z, h, p.w.t());
-  }
-  if (p.vp > p.v) buf.narrow(0, 0, rows).narrow(1, p.v, p.vp - p.v).fill_(kNegInf);
-}
+// One tile: rows r0 .. r0 + rows of the logits, vocabulary c0 .. c0 + width, padded to wp columns with -inf.
+struct Tile {
+  int64_t r0, rows, c0, width, wp;
+  at::Tensor h;  // the row block of hidden, float32
+  at::Tensor z;  // (rows, width): the tile's logits, then whatever row() left there
+};
 
-// For each chunk of rows: its logits into buf, row(i, z_i) for each of its rows over threads, then
-// after(r0, rows) with the chunk's (rows, vp) buffer as row() left it.
+// For each tile: its logits, row(tile, r, z_r) for each of its rows over threads, then after(tile).
 template <class Row, class After>
-void over_chunks(const Problem& p, at::Tensor& buf, Row&& row, After&& after) {
-  for (int64_t r0 = 0; r0 < p.n; r0 += p.chunk) {
-    const int64_t rows = std::min(p.chunk, p.n - r0);
-    logits(p, r0, rows, buf);
-    float* z = buf.data_ptr<float>();
-    at::parallel_for(0, rows, 1, [&](int64_t begin, int64_t end) {
-      for (int64_t r = begin; r < end; ++r) row(r0 + r, z + r * p.vp);
-    });
-    after(r0, rows);
+void over_tiles(const Problem& p, Row&& row, After&& after) {
+  at::Tensor buf = at::empty({p.rows, p.cols}, p.w.options());
+  for (int64_t r0 = 0; r0 < p.n; r0 += p.rows) {
+    Tile tile{r0, std::min(p.rows, p.n - r0), 0, 0, 0, p.h.narrow(0, r0, std::min(p.rows, p.n - r0)).to(at::kFloat), {}};
+    for (tile.c0 = 0; tile.c0 < p.v; tile.c0 += p.cols) {
+      tile.width = std::min(p.cols, p.v - tile.c0);
+      tile.wp = attn::round_up(tile.width, attn::kVec);
+      at::Tensor block = buf.narrow(0, 0, tile.rows);
+      tile.z = block.narrow(1, 0, tile.width);
+      const at::Tensor w = p.w.narrow(0, tile.c0, tile.width);
+      if (p.b.defined()) {
+        at::addmm_out(tile.z, p.b.narrow(0, tile.c0, tile.width), tile.h, w.t());
+      } else {
+        at::mm_out(tile.z, tile.h, w.t());
+      }
+      if (tile.wp > tile.width) block.narrow(1, tile.width, tile.wp - tile.width).fill_(kNegInf);
+      float* z = buf.data_ptr<float>();
+      at::parallel_for(0, tile.rows, 1, [&](int64_t begin, int64_t end) {
+        for (int64_t r = begin; r < end; ++r) row(tile, r, z + r * p.cols);
+      });
+      after(tile);
+    }
   }
 }
 
@@ -95,21 +108,25 @@ std::tuple<at::Tensor, at::Tensor> linear_cross_entropy_fwd(const at::Tensor& hi
   const Problem p = check("linear_cross_entropy_fwd", hidden, weight, bias, target, ignore_index);
   at::Tensor loss = at::empty({p.n}, hidden.options().dtype(at::kFloat));
   at::Tensor lse = at::empty({p.n}, hidden.options().dtype(at::kFloat));
-  at::Tensor buf = at::empty({p.chunk, p.vp}, hidden.options().dtype(at::kFloat));
   const int64_t* t = p.target.const_data_ptr<int64_t>();
   float *loss_p = loss.data_ptr<float>(), *lse_p = lse.data_ptr<float>();
+  // per row: running max, sum of exp(z - max), and the target's logit
+  std::vector<float> max(p.n, kNegInf), sum(p.n, 0.f), picked(p.n, 0.f);
   const attn::Simd& isa = attn::simd();
-  over_chunks(
-      p, buf,
-      [&](int64_t i, float* zr) {
-        const bool valid = t[i] != p.ignore_index;
-        const float picked = valid ? zr[t[i]] : 0.f;
-        const float m = isa.row_max(zr, int(p.vp));
-        const float l = m + std::log(isa.exp_sum(zr, int(p.vp), m));
-        lse_p[i] = l;
-        loss_p[i] = valid ? l - picked : 0.f;
+  over_tiles(
+      p,
+      [&](const Tile& tile, int64_t r, float* zr) {
+        const int64_t i = tile.r0 + r;
+        if (t[i] >= tile.c0 && t[i] < tile.c0 + tile.width) picked[i] = zr[t[i] - tile.c0];
+        const float m = std::max(max[i], isa.row_max(zr, int(tile.wp)));
+        sum[i] = sum[i] * std::exp(max[i] - m) + isa.exp_sum(zr, int(tile.wp), m);
+        max[i] = m;
       },
-      [](int64_t, int64_t) {});
+      [](const Tile&) {});
+  for (int64_t i = 0; i < p.n; ++i) {
+    lse_p[i] = max[i] + std::log(sum[i]);
+    loss_p[i] = t[i] != p.ignore_index ? lse_p[i] - picked[i] : 0.f;
+  }
   return {loss, lse};
 }
 
@@ -121,29 +138,41 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_cross_entropy_bwd(
               "linear_cross_entropy_bwd: dloss and lse must be (", p.n, ",), got ", dloss_in.sizes(), " and ",
               lse_in.sizes());
   const at::Tensor dloss = dloss_in.to(at::kFloat).contiguous(), lse = lse_in.to(at::kFloat).contiguous();
-  at::Tensor dh = at::empty_like(p.h, at::MemoryFormat::Contiguous);
-  at::Tensor dw = at::zeros_like(p.w);
-  at::Tensor db = p.b.defined() ? at::zeros_like(p.b) : at::Tensor();
-  at::Tensor buf = at::empty({p.chunk, p.vp}, hidden.options().dtype(at::kFloat));
+  at::Tensor dh = at::empty_like(p.h, p.w.options(), at::MemoryFormat::Contiguous);
+  at::Tensor dw = at::empty_like(p.w);
+  at::Tensor db = p.b.defined() ? at::empty_like(p.b) : at::Tensor();
   const int64_t* t = p.target.const_data_ptr<int64_t>();
   const float *g = dloss.const_data_ptr<float>(), *l = lse.const_data_ptr<float>();
   const attn::Simd& isa = attn::simd();
-  over_chunks(
-      p, buf,
-      [&](int64_t i, float* zr) {
+  over_tiles(
+      p,
+      [&](const Tile& tile, int64_t r, float* zr) {
+        const int64_t i = tile.r0 + r;
         const bool valid = t[i] != p.ignore_index;
         const float gi = valid ? g[i] : 0.f;
-        isa.exp_sum(zr, int(p.vp), l[i]);  // softmax probabilities, in place
-        for (int64_t c = 0; c < p.v; ++c) zr[c] *= gi;
-        if (valid) zr[t[i]] -= gi;
+        isa.exp_sum(zr, int(tile.wp), l[i]);  // softmax probabilities, in place
+        for (int64_t c = 0; c < tile.width; ++c) zr[c] *= gi;
+        if (valid && t[i] >= tile.c0 && t[i] < tile.c0 + tile.width) zr[t[i] - tile.c0] -= gi;
       },
-      [&](int64_t r0, int64_t rows) {
-        at::Tensor dz = buf.narrow(0, 0, rows).narrow(1, 0, p.v);
-        dh.narrow(0, r0, rows).copy_(at::mm(dz, p.w));
-        dw.addmm_(dz.t(), p.h.narrow(0, r0, rows).to(at::kFloat));
-        if (db.defined()) db.add_(dz.sum(0));
+      [&](const Tile& tile) {
+        at::Tensor dh_rows = dh.narrow(0, tile.r0, tile.rows), dw_rows = dw.narrow(0, tile.c0, tile.width);
+        const at::Tensor w = p.w.narrow(0, tile.c0, tile.width);
+        // the first tile of a row block / of a vocabulary chunk writes, later ones accumulate
+        if (tile.c0 == 0) {
+          at::mm_out(dh_rows, tile.z, w);
+        } else {
+          dh_rows.addmm_(tile.z, w);
+        }
+        if (tile.r0 == 0) {
+          at::mm_out(dw_rows, tile.z.t(), tile.h);
+          if (db.defined()) db.narrow(0, tile.c0, tile.width).copy_(tile.z.sum(0));
+        } else {
+          dw_rows.addmm_(tile.z.t(), tile.h);
+          if (db.defined()) db.narrow(0, tile.c0, tile.width).add_(tile.z.sum(0));
+        }
       });
-  return {dh, dw.to(weight.scalar_type()), db.defined() ? db.to(weight.scalar_type()) : at::empty({0}, hidden.options())};
+  return {dh.to(hidden.scalar_type()), dw.to(weight.scalar_type()),
+          db.defined() ? db.to(weight.scalar_type()) : at::empty({0}, hidden.options())};
 }
 
 }  // namespace

@@ -19,6 +19,7 @@ import torch
 
 from flashgen.kernels import flash_attn_func, flash_attn_varlen_func
 
+from . import recompute
 from ._transformers import require_transformers
 
 ATTENTION_NAME = "fg_attention"
@@ -88,8 +89,12 @@ def _padded(q, k, v, mask, options):
     out = flash_attn_varlen_func(flat(q).index_select(0, rows_q), flat(k).index_select(0, rows_k),
                                  flat(v).index_select(0, rows_k), cu_q, cu_k, int(keep_q.sum(1).max()),
                                  int(keep_k.sum(1).max()), **options)
-    full = out.new_zeros(batch * q_len, *out.shape[1:]).index_copy(0, rows_q, out)
+    full = recompute.register(_scatter(out, rows_q, batch * q_len), _scatter, out, rows_q, batch * q_len)
     return full.view(batch, q_len, *out.shape[1:])
+
+
+def _scatter(packed, rows, total):
+    return packed.new_zeros(total, *packed.shape[1:]).index_copy(0, rows, packed)
 
 
 def _mask(batch_size, q_length, kv_length, q_offset=0, kv_offset=0, mask_function=None, attention_mask=None,

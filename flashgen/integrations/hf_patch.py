@@ -23,6 +23,7 @@ import torch
 from flashgen.kernels import apply_rotary, linear_cross_entropy, silu_mul
 from flashgen.kernels import rms_norm as fused_rms_norm
 
+from . import recompute
 from ._transformers import require_transformers
 from .hf_attention import ATTENTION_NAME, register_attention
 
@@ -37,16 +38,34 @@ def _rms_forward(self, hidden_states):
     eps_name, offset = _NORMS[type(self).__name__]
     if self.weight.dtype != hidden_states.dtype:  # mixed dtypes: transformers' own promotion rules
         return type(self).forward(self, hidden_states)
-    return fused_rms_norm(hidden_states, self.weight, getattr(self, eps_name), weight_offset=offset)
+    args = (hidden_states, self.weight, getattr(self, eps_name), None, offset)
+    return recompute.register(fused_rms_norm(*args), fused_rms_norm, *args)
+
+
+def _gating(gate, up):
+    return recompute.register(silu_mul(gate, up), silu_mul, gate, up)
 
 
 def _gated_forward(self, x):
-    return self.down_proj(silu_mul(self.gate_proj(x), self.up_proj(x)))
+    return self.down_proj(_gating(self.gate_proj(x), self.up_proj(x)))
 
 
 def _fused_gated_forward(self, x):
-    gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
-    return self.down_proj(silu_mul(gate, up))
+    # contiguous halves: silu_mul saves these very tensors, so the recipe holds nothing more
+    gate, up = (t.contiguous() for t in self.gate_up_proj(x).chunk(2, dim=-1))
+    return self.down_proj(_gating(gate, up))
+
+
+def _layer_forward(self, *args, **kwargs):
+    """A decoder layer's forward with its norms, gating and padded attention output recomputed in the backward
+    (integrations/recompute.py); as it was under gradient checkpointing (which recomputes everything), in eval
+    and inside torch.compile."""
+    forward = type(self).forward
+    if not (self.training and torch.is_grad_enabled()) or getattr(self, "gradient_checkpointing", False) or \
+            torch.compiler.is_compiling():
+        return forward(self, *args, **kwargs)
+    with recompute.recomputing():
+        return forward(self, *args, **kwargs)
 
 
 def _is_silu(fn):
@@ -113,7 +132,7 @@ def _causal_lm_forward(self, *args, **kwargs):
 
 
 def apply_flashgen(model, attention=True, rms_norm=True, swiglu=True, rope=False, fused_linear_cross_entropy=True,
-                   verify=False):
+                   recompute_activations=True, verify=False):
     """Patch `model` (a transformers PreTrainedModel) in place; returns it.
 
     attention: attn_implementation "fg_attention" (integrations/hf_attention.py). rms_norm: every RMSNorm
@@ -139,6 +158,8 @@ def apply_flashgen(model, attention=True, rms_norm=True, swiglu=True, rope=False
             forwards.append((name, module, fn))
         elif rope and type(module).__name__ in _ROPE_ATTENTION:
             forwards.append((name, module, _rope_attention_forward))
+        elif recompute_activations and type(module).__name__.endswith("DecoderLayer"):
+            forwards.append((name, module, _layer_forward))
     if fused_linear_cross_entropy:
         if not isinstance(getattr(model, "lm_head", None), torch.nn.Linear) or not hasattr(model, "model"):
             raise ValueError(f"fused_linear_cross_entropy needs a causal LM with lm_head and model (got "
@@ -146,7 +167,7 @@ def apply_flashgen(model, attention=True, rms_norm=True, swiglu=True, rope=False
         forwards.append(("", model, _causal_lm_forward))
     if verify:
         for name, module, fn in forwards:
-            if module is not model and fn is not _rope_attention_forward:  # checked with the whole model below
+            if module is not model and fn not in (_rope_attention_forward, _layer_forward):  # checked with the whole model below
                 _verify_module(name, module, fn)
     reference = _sample_logits(model) if verify else None
     patched = {"attention": None, "modules": [m for _, m, _ in forwards]}
