@@ -131,16 +131,14 @@ def _causal_lm_forward(self, *args, **kwargs):
                                   attentions=outputs.attentions)
 
 
-def apply_flashgen(model, attention=True, rms_norm=True, swiglu=True, rope=False, fused_linear_cross_entropy=True,
+def apply_flashgen(model, attention=True, rms_norm=True, swiglu=True, rope=True, fused_linear_cross_entropy=True,
                    recompute_activations=True, verify=False):
     """Patch `model` (a transformers PreTrainedModel) in place; returns it.
 
     attention: attn_implementation "fg_attention" (integrations/hf_attention.py). rms_norm: every RMSNorm
     module runs the fused kernel. swiglu: every gated SiLU MLP runs silu_mul. rope: the rotary embedding of the
-    attention modules runs apply_rotary (see the module docstring; off by default: on this CPU a training step
-    measured 15% slower with it, bench_train.py, though the op alone is faster than rotate_half's eager math;
-    the cost lies around it). fused_linear_cross_entropy: the
-    training loss without logits (see the module docstring). verify: check each patched part
+    attention modules runs apply_rotary (see the module docstring). fused_linear_cross_entropy: the training
+    loss without logits (see the module docstring). verify: check each patched part
     against the original on a small random input now (a mismatch undoes the patch and raises). The model's
     other modules are left as they are.
     """
