@@ -30,18 +30,32 @@ void check_pair(const char* op, const at::Tensor& a, const char* a_name, const a
               " has ", a.scalar_type(), ": they must match");
 }
 
+// src as float32: itself, or widened into scratch (16-bit).
 template <typename T>
-void widen(const T* src, int64_t n, float* dst) {
+const float* as_float(const T* src, int64_t n, float* scratch) {
   if constexpr (std::is_same_v<T, float>) {
-    std::copy(src, src + n, dst);
+    return src;
   } else {
-    convert_row(src, int(n), 1.f, dst);
+    convert_row(src, int(n), 1.f, scratch);
+    return scratch;
+  }
+}
+
+// Where float32 results for dst go: dst itself, or scratch that `store` rounds into dst (16-bit).
+template <typename T>
+float* out_float(T* dst, float* scratch) {
+  if constexpr (std::is_same_v<T, float>) {
+    return dst;
+  } else {
+    return scratch;
   }
 }
 
 template <typename T>
-void narrow(const float* src, int64_t n, T* dst) {
-  for (int64_t i = 0; i < n; ++i) dst[i] = T(src[i]);
+void store(const float* src, int64_t n, T* dst) {
+  if constexpr (!std::is_same_v<T, float>) {
+    for (int64_t i = 0; i < n; ++i) dst[i] = T(src[i]);
+  }
 }
 
 // body(begin, n, scratch) for every chunk of `total` elements; scratch holds `buffers` float arrays of kChunk.
@@ -66,11 +80,9 @@ at::Tensor silu_mul_fwd(const at::Tensor& gate_in, const at::Tensor& up_in) {
     const T *g = gate.const_data_ptr<T>(), *u = up.const_data_ptr<T>();
     T* out = y.data_ptr<T>();
     chunks(gate.numel(), 3, [&](int64_t i, int64_t n, float* s) {
-      float *gf = s, *uf = s + kChunk, *yf = s + 2 * kChunk;
-      widen(g + i, n, gf);
-      widen(u + i, n, uf);
-      simd().silu(gf, uf, yf, n);
-      narrow(yf, n, out + i);
+      float* yf = out_float(out + i, s + 2 * kChunk);
+      simd().silu(as_float(g + i, n, s), as_float(u + i, n, s + kChunk), yf, n);
+      store(yf, n, out + i);
     });
   });
   return y;
@@ -87,20 +99,18 @@ std::tuple<at::Tensor, at::Tensor> silu_mul_bwd(const at::Tensor& dy_in, const a
     using T = decltype(t);
     const T *d = dy.const_data_ptr<T>(), *g = gate.const_data_ptr<T>(), *u = up.const_data_ptr<T>();
     T *dg = dgate.data_ptr<T>(), *du = dup.data_ptr<T>();
-    chunks(gate.numel(), 4, [&](int64_t i, int64_t n, float* s) {
-      float *df = s, *gf = s + kChunk, *uf = s + 2 * kChunk, *sg = s + 3 * kChunk;
-      widen(d + i, n, df);
-      widen(g + i, n, gf);
-      widen(u + i, n, uf);
-      simd().sigmoid(gf, sg, n);
+    chunks(gate.numel(), 5, [&](int64_t i, int64_t n, float* s) {
+      const float *__restrict df = as_float(d + i, n, s), *__restrict gf = as_float(g + i, n, s + kChunk),
+                               *__restrict uf = as_float(u + i, n, s + 2 * kChunk);
+      float *__restrict dgf = out_float(dg + i, s + 3 * kChunk), *__restrict duf = out_float(du + i, s + 4 * kChunk);
+      simd().sigmoid(gf, dgf, n);  // s, in dgate's place until the loop reads it
       for (int64_t j = 0; j < n; ++j) {
-        const float sj = sg[j], gj = gf[j], dj = df[j];
-        const float dgj = dj * uf[j] * sj * (1.f + gj * (1.f - sj));
-        uf[j] = dj * gj * sj;  // du, in the up buffer (read above)
-        gf[j] = dgj;
+        const float sj = dgf[j], gj = gf[j], dj = df[j];
+        dgf[j] = dj * uf[j] * sj * (1.f + gj * (1.f - sj));
+        duf[j] = dj * gj * sj;
       }
-      narrow(gf, n, dg + i);
-      narrow(uf, n, du + i);
+      store(dgf, n, dg + i);
+      store(duf, n, du + i);
     });
   });
   return {dgate, dup};
