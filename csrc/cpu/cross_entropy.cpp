@@ -80,7 +80,8 @@ template <class Row, class After>
 void over_tiles(const Problem& p, Row&& row, After&& after) {
   at::Tensor buf = at::empty({p.rows, p.cols}, p.w.options());
   for (int64_t r0 = 0; r0 < p.n; r0 += p.rows) {
-    Tile tile{r0, std::min(p.rows, p.n - r0), 0, 0, 0, p.h.narrow(0, r0, std::min(p.rows, p.n - r0)).to(at::kFloat), {}};
+    const int64_t rows = std::min(p.rows, p.n - r0);
+    Tile tile{r0, rows, 0, 0, 0, p.h.narrow(0, r0, rows).to(at::kFloat), {}};
     for (tile.c0 = 0; tile.c0 < p.v; tile.c0 += p.cols) {
       tile.width = std::min(p.cols, p.v - tile.c0);
       tile.wp = attn::round_up(tile.width, attn::kVec);

@@ -165,7 +165,8 @@ def apply_flashgen(model, attention=True, rms_norm=True, swiglu=True, rope=True,
         forwards.append(("", model, _causal_lm_forward))
     if verify:
         for name, module, fn in forwards:
-            if module is not model and fn not in (_rope_attention_forward, _layer_forward):  # checked with the whole model below
+            # the attention and layer forwards are checked with the whole model below
+            if module is not model and fn not in (_rope_attention_forward, _layer_forward):
                 _verify_module(name, module, fn)
     reference = _sample_logits(model) if verify else None
     patched = {"attention": None, "modules": [m for _, m, _ in forwards]}
