@@ -10,8 +10,8 @@
 // per super-block. The VNNI kernel scales each sub-block's vpdpbusd sums in float32. A tile-block's codes are
 // unpacked once per call (VNNI: into 8 vectors of 4 features x 16 rows; AVX2: one group of 4 features x 8 rows
 // at a time, as it is used, which keeps every row's int16 sums in registers) and serve the call's R activation
-// rows (AVX2, 2048 x 2048 Q6_K at 4 / 16 rows: 0.55 -> 0.38 / 2.1 -> 1.5 ms on one core; 1B Q4_K_M prefill 1.34x
-// -> 1.53x llama.cpp's, decode 1.06x -> 1.13x).
+// rows (AVX2, 2048 x 2048 Q6_K at 4 / 16 rows: 0.55 -> 0.38 / 2.1 -> 1.2-1.5 ms on one core; 1B Q4_K_M prefill
+// 1.34x -> 1.53-1.55x llama.cpp's, decode 1.06x -> 1.02-1.13x, within this VM's noise).
 // 4-bit blocks of 32 (Q4_0, Q4_1, IQ4_NL) go through tile32_vnni, shaped as int4's kernel.
 #include <immintrin.h>
 
