@@ -8,7 +8,7 @@ from triton_interp import poisoned  # isort: skip  (sets TRITON_INTERPRET before
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
-from attention_checks import (VARLEN_DECODE, assert_fa_rule, assert_lse, check_varlen_kvcache, eager_grads,  # noqa: E402
+from attention_checks import (VARLEN_DECODE, assert_fa_rule, assert_grads, assert_lse, check_varlen_kvcache, eager_grads,  # noqa: E402
                               kvcache_baseline, paged_cache, randn)
 from flashgen.kernels import reference  # noqa: E402
 from flashgen.kernels.triton import attention as tri  # noqa: E402
@@ -49,8 +49,7 @@ def test_forward_backward(dtype, batch, sq, sk, heads, kv_heads, head_dim, causa
     base_out, base_lse, base_grads = eager_grads(q, k, v, dout, scale, causal, window, softcap)
     assert_fa_rule("out", out, ref_out, base_out)
     assert_lse(lse, ref_lse, base_lse)
-    for name, g, r, b in zip(("dq", "dk", "dv"), grads, ref_grads, base_grads):
-        assert_fa_rule(name, g, r, b)
+    assert_grads(grads, ref_grads, base_grads, lse, ref_lse)
 
 
 def test_backward_is_deterministic():
@@ -97,8 +96,7 @@ def test_varlen(dtype, causal, window, softcap):
     base_dq = torch.cat([g[0][0] for _, _, g in per_seq])
     base_dk = torch.cat([g[1][0] for _, _, g in per_seq])
     base_dv = torch.cat([g[2][0] for _, _, g in per_seq])
-    for name, g, r, b in zip(("dq", "dk", "dv"), grads, ref_grads, (base_dq, base_dk, base_dv)):
-        assert_fa_rule(name, g, r, b)
+    assert_grads(grads, ref_grads, (base_dq, base_dk, base_dv), lse, ref_lse)
 
 
 # ------------------------------------------------------------------------------------------------ decode
