@@ -19,18 +19,18 @@ void attend(const Simd& isa, const Options& opt, int rows, const float* qf, int 
             float* s, float* o, float* m, float* l) {
   const auto [kb, ke] = key_span(opt, rows, row_pos, sk, k_begin, k_end);
   for (int64_t k0 = kb; k0 < ke; k0 += kBlockK) {
-    const int nk = int(std::min<int64_t>(kBlockK, ke - k0));
+    const int nk = int(std::min<int64_t>(kBlockK, ke - k0)), cols = int(round_up(nk, kVec));
     load_cols(k, k0, nk, d, kt);
     scores(isa, opt, rows, qf, ldq, kt, d, k0, nk, row_pos, sk, s);
     for (int r = 0; r < rows; ++r) {
       float* sr = s + int64_t(r) * kBlockK;
-      const float m_new = std::max(m[r], isa.row_max(sr, kBlockK));
+      const float m_new = std::max(m[r], isa.row_max(sr, cols));
       if (m_new == kNegInf) {  // nothing attended yet: P row = 0
         std::fill(sr, sr + kBlockK, 0.f);
         continue;
       }
       const float alpha = std::exp(m[r] - m_new);
-      l[r] = l[r] * alpha + isa.exp_sum(sr, kBlockK, m_new);
+      l[r] = l[r] * alpha + isa.exp_sum(sr, cols, m_new);  // columns from cols on are masked: exp gives 0
       m[r] = m_new;
       if (alpha != 1.f)
         for (float *x = o + int64_t(r) * ldq, *e = x + ldq; x < e; ++x) *x *= alpha;

@@ -159,13 +159,25 @@ inline void tile256(int kk, const float* a, int64_t ar, int64_t ac, const float*
     for (int v = 0; v < 2; ++v) _mm256_storeu_ps(c + r * ldc + 8 * v, x[r][v]);
 }
 
+inline void rows256(int rows, int kk, const float* a, int64_t ar, int64_t ac, const float* b, int64_t ldb, float* c,
+                    int64_t ldc, bool acc) {
+  switch (rows) {
+    case 3: tile256<3>(kk, a, ar, ac, b, ldb, c, ldc, acc); break;
+    case 2: tile256<2>(kk, a, ar, ac, b, ldb, c, ldc, acc); break;
+    default: tile256<1>(kk, a, ar, ac, b, ldb, c, ldc, acc); break;
+  }
+}
+
 void gemm256(int m, int n, int kk, const float* a, int64_t ar, int64_t ac, const float* b, int64_t ldb, float* c,
              int64_t ldc, bool acc) {
-  for (int j = 0; j < n; j += 16) {
-    int i = 0;
-    for (; i + 4 <= m; i += 4) tile256<4>(kk, a + i * ar, ar, ac, b + j, ldb, c + i * ldc + j, ldc, acc);
-    for (; i < m; ++i) tile256<1>(kk, a + i * ar, ar, ac, b + j, ldb, c + i * ldc + j, ldc, acc);
-  }
+  const int full = m / 4 * 4;
+  for (int j = 0; j < n; j += 16)
+    for (int i = 0; i < full; i += 4) tile256<4>(kk, a + i * ar, ar, ac, b + j, ldb, c + i * ldc + j, ldc, acc);
+  // The rows left over (a decode step's few GQA rows) go as one tile: each b load serves all of them, and up to
+  // 6 sums in flight hide the FMA latency (a row at a time kept 2, each waiting on the last; 3 rows x 32 columns
+  // spilled). Every output is still one FMA chain over p, whatever the tiling.
+  for (int j = 0; full < m && j < n; j += 16)
+    rows256(m - full, kk, a + full * ar, ar, ac, b + j, ldb, c + full * ldc + j, ldc, acc);
 }
 
 inline float hsum256(__m256 v) {
@@ -265,7 +277,9 @@ const Simd& simd() {
 
 void scores(const Simd& isa, const Options& opt, int rows, const float* qf, int ldq, const float* kt, int d,
             int64_t k0, int nk, const int64_t* row_pos, int64_t sk, float* s, float* tanh_grad) {
-  isa.gemm(rows, kBlockK, d, qf, ldq, 1, kt, kBlockK, s, kBlockK, false);
+  // a sequence's last key block is partial (a decode step's often holds a few keys): its columns past the
+  // last kVec of keys are left to the mask
+  isa.gemm(rows, int(round_up(nk, kVec)), d, qf, ldq, 1, kt, kBlockK, s, kBlockK, false);
   if (opt.softcap > 0) {
     const float inv = 1.f / opt.softcap;
     for (int i = 0; i < rows * kBlockK; ++i) {
