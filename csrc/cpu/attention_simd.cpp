@@ -58,7 +58,12 @@ FLASHGEN_AVX512 void gemm512(int m, int n, int kk, const float* a, int64_t ar, i
     const int nv = std::min(4, (n - j) / 16);
     int i = 0;
     for (; i + 4 <= m; i += 4) rows512<4>(nv, kk, a + i * ar, ar, ac, b + j, ldb, c + i * ldc + j, ldc, acc);
-    for (; i < m; ++i) rows512<1>(nv, kk, a + i * ar, ar, ac, b + j, ldb, c + i * ldc + j, ldc, acc);
+    // the rows left over as one tile, as in gemm256
+    const float* ai = a + i * ar;
+    float* ci = c + i * ldc + j;
+    if (m - i == 3) rows512<3>(nv, kk, ai, ar, ac, b + j, ldb, ci, ldc, acc);
+    if (m - i == 2) rows512<2>(nv, kk, ai, ar, ac, b + j, ldb, ci, ldc, acc);
+    if (m - i == 1) rows512<1>(nv, kk, ai, ar, ac, b + j, ldb, ci, ldc, acc);
   }
 }
 
