@@ -8,8 +8,8 @@ from triton_interp import poisoned  # isort: skip  (sets TRITON_INTERPRET before
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
-from attention_checks import (VARLEN_DECODE, assert_fa_rule, assert_grads, assert_lse, check_varlen_kvcache, eager_grads,  # noqa: E402
-                              kvcache_baseline, paged_cache, randn)
+from attention_checks import (VARLEN_DECODE, assert_fa_rule, assert_grads, assert_lse, check_varlen_kvcache,  # noqa: E402
+                              eager_grads, kvcache_baseline, paged_cache, randn)
 from flashgen.kernels import reference  # noqa: E402
 from flashgen.kernels.triton import attention as tri  # noqa: E402
 

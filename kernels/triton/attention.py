@@ -262,7 +262,7 @@ def _bwd_dkdv_kernel(Q, K, V, DOut, Lse, Delta, DK, DV, cu_q, cu_k,
         first, last = _row_bounds(offs_m + shift, m_ok, sk, window_left, window_right)
         maskT = (offs_n[:, None] >= first[None, :]) & (offs_n[:, None] <= last[None, :])
         # s - lse before the log2(e) scaling: where P matters both are near the row's maximum, so the difference
-        # is nearly exact and only its small value is rounded (float32 dK's error 1.5 -> 1.15 of the test's bound).
+        # is nearly exact and only its small value is rounded (a float32 dK case: 1.5 -> 1.15 of the then bound).
         pT = tl.where(maskT, tl.exp2((sT - lse[None, :]) * 1.4426950408889634), 0.0)
         dv = tl.dot(pT.to(do.dtype), do, dv, input_precision=PREC)
         dpT = tl.dot(v, tl.trans(do), input_precision=PREC)

@@ -11,8 +11,8 @@ import os
 import pytest
 import torch
 
-from attention_checks import (VARLEN_DECODE, assert_fa_rule, assert_grads, assert_lse, check_varlen_kvcache, eager_grads,
-                              kvcache_baseline, paged_cache, randn)
+from attention_checks import (VARLEN_DECODE, assert_fa_rule, assert_grads, assert_lse, check_varlen_kvcache,
+                              eager_grads, kvcache_baseline, paged_cache, randn)
 from flashgen import kernels  # noqa: F401  (registers the Triton kernels for CUDA)
 from flashgen.kernels import _backend, reference
 
