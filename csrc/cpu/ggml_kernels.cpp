@@ -265,11 +265,11 @@ void tile_avx2(const QuantActs& x, const uint8_t* w, int64_t sbs, float* out, in
     for (int r = 0; r < R; ++r) acc[rh][r] = _mm256_setzero_ps();
   for (int64_t s = 0; s < sbs; ++s) {
     const uint8_t* p = w + s * kd.tile_bytes();
-    prefetch_ahead(p, kd.tile_bytes());
     for (int rh = 0; rh < 2; ++rh) {  // rows 0-7, then 8-15 of the tile
       __m256i dot[R];  // sum_j sc_j dot_j, int32 per row
       for (int r = 0; r < R; ++r) dot[r] = _mm256_setzero_si256();
       for (int b = 0; b < nb; ++b) {
+        prefetch_part<kd.tile_bytes(), 2 * nb>(p, rh * nb + b);
         const uint8_t* c = p + b * kd.code_bytes() + rh * 32;
         static_for<0, halves>([&](auto h) {
           const __m128i sc8 = scales8<KI>(p, b * halves + h, rh);

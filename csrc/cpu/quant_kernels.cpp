@@ -157,11 +157,11 @@ void int4_tile_avx2(const QuantActs& x, const uint8_t* w, const S* sc, const S* 
       for (int r = 0; r < R; ++r) gacc[r] = _mm256_setzero_ps();
       for (int64_t b = gi * bpg; b < (gi + 1) * bpg; ++b) {
         const uint8_t* wb = w + b * kInt4TileBytes + h * 32;
-        if (h == 0) prefetch_ahead(wb, kInt4TileBytes);
         // |15 * 127 * 2| per maddubs lane, 8 of them summed: 30480 < 32767, so int16 partial sums are exact.
         __m256i s16[R];
         for (int r = 0; r < R; ++r) s16[r] = _mm256_setzero_si256();
         for (int v = 0; v < 4; ++v) {
+          if (h == 0) prefetch_part<kInt4TileBytes, 4>(wb, v);
           const __m256i q = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wb + v * 64));
           const __m256i lo = _mm256_and_si256(q, low);
           const __m256i hi = _mm256_and_si256(_mm256_srli_epi16(q, 4), low);
@@ -203,8 +203,8 @@ void int8_tile_avx2(const QuantActs& x, const int8_t* w, const S* sc, int64_t sb
     for (int r = 0; r < R; ++r) acc[r] = _mm256_setzero_ps(), iacc[r] = _mm256_setzero_si256();
     for (int64_t b = 0; b < kb; ++b) {
       const int8_t* wb = w + b * kInt8TileBytes + h * 32;
-      if (h == 0) prefetch_ahead(reinterpret_cast<const uint8_t*>(wb), kInt8TileBytes);
       for (int v = 0; v < 8; ++v) {
+        if (h == 0) prefetch_part<kInt8TileBytes, 8>(reinterpret_cast<const uint8_t*>(wb), v);
         const __m256i q = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wb + v * 64));
         const __m256i aq = _mm256_abs_epi8(q);
         for (int r = 0; r < R; ++r) {
