@@ -123,7 +123,7 @@ void append(const at::Tensor& cache, const at::Tensor& src, const std::vector<Ca
   });
 }
 
-constexpr int64_t kMinKeysPerThread = 4 * kBlockK;
+constexpr int64_t kMinKeysPerThread = 2 * kBlockK;
 
 // Writes k, v (packed, or undefined) into the caches, then out (packed like q) and lse of every sequence.
 void attend_cache(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache, const at::Tensor& k,
@@ -133,12 +133,13 @@ void attend_cache(const at::Tensor& q, const at::Tensor& k_cache, const at::Tens
   const int d = int(q.size(2)), ld = int(round_up(d, kVec));
   const int64_t n_seqs = int64_t(seqs.size());
 
-  // Tasks: (sequence, group of <= kBlockQ packed (query, head-in-group) rows, split). A task walks its key range
-  // block by block and attends each block with every kv head in turn: the heads of a cache row lie side by side,
-  // so the cache is read in address order (a decode step reads it once, from DRAM). Causal row groups cost more
-  // the later they come: they are listed (and taken by the threads) first, so the last tasks taken are short.
+  // Tasks: (sequence, group of <= kBlockQ packed (query, head-in-group) rows, split, kv heads). A task walks its
+  // key range block by block and attends each block with each of its kv heads in turn: the heads of a cache row
+  // lie side by side, so the cache is read in address order (a decode step reads it once, from DRAM). Causal row
+  // groups cost more the later they come: they are listed (and taken by the threads) first, so the last tasks
+  // taken are short.
   struct Task {
-    int64_t seq, r0, split;
+    int64_t seq, r0, split, h0, h1;
   };
   std::vector<Task> tasks;
   // Partial results per (sequence, kv head, split, row): o (ld floats), m and l; part_base: a sequence's first.
@@ -148,10 +149,25 @@ void attend_cache(const at::Tensor& q, const at::Tensor& k_cache, const at::Tens
     const CacheSeq& s = seqs[b];
     const int64_t rows_total = s.sq * group;
     for (int64_t r0 = (rows_total - 1) / kBlockQ * kBlockQ; r0 >= 0 && rows_total; r0 -= kBlockQ)
-      for (int64_t split = 0; split < s.splits; ++split) tasks.push_back({b, r0, split});
+      for (int64_t split = 0; split < s.splits; ++split) tasks.push_back({b, r0, split, 0, kv_heads});
     part_base[b + 1] = part_base[b] + kv_heads * s.splits * rows_total;
     merge_base[b + 1] = merge_base[b] + kv_heads * rows_total;
     task_keys = std::max(task_keys, std::min(s.len, s.chunk) * kv_heads);
+  }
+  // Fewer tasks than threads (one sequence decoding over a short cache): the kv heads are shared out too, as
+  // long as each part keeps kMinKeysPerThread (key, kv head) pairs. Each (row, head) is computed the same either
+  // way. (A batch-1 decode step of the default model at 160 keys: the attention of one layer took ~40 us on one
+  // thread while the other waited.)
+  const int64_t threads = at::get_num_threads();
+  if (int64_t(tasks.size()) < threads) {
+    const int64_t parts = std::min({kv_heads, (2 * threads + int64_t(tasks.size()) - 1) / int64_t(tasks.size()),
+                                    std::max<int64_t>(1, task_keys / kMinKeysPerThread)});
+    std::vector<Task> split_tasks;
+    for (const Task& t : tasks)
+      for (int64_t p = 0; p < parts; ++p)
+        split_tasks.push_back({t.seq, t.r0, t.split, p * kv_heads / parts, (p + 1) * kv_heads / parts});
+    tasks = std::move(split_tasks);
+    task_keys = (task_keys + parts - 1) / parts;
   }
   const int64_t n_tasks = int64_t(tasks.size());
   std::vector<float> po(part_base[n_seqs] * ld), pm(part_base[n_seqs]), pl(part_base[n_seqs]);
@@ -172,13 +188,13 @@ void attend_cache(const at::Tensor& q, const at::Tensor& k_cache, const at::Tens
           s(kBlockQ * kBlockK);
       std::vector<int64_t> pos(kBlockQ);
       for (int64_t t = take(); t < n_tasks; t = take()) {
-        const auto [b, r0, split] = tasks[t];
+        const auto [b, r0, split, h0, h1] = tasks[t];
         const CacheSeq& sq = seqs[b];
         const int64_t rows_total = sq.sq * group;
         const int rows = int(std::min<int64_t>(kBlockQ, rows_total - r0));
         for (int r = 0; r < rows; ++r) pos[r] = (r0 + r) / group + sq.len - sq.sq;
         auto part = [&](int64_t h) { return part_base[b] + (h * sq.splits + split) * rows_total + r0; };
-        for (int64_t h = 0; h < kv_heads; ++h) {
+        for (int64_t h = h0; h < h1; ++h) {
           for (int r = 0; r < rows; ++r) {
             const int64_t i = (r0 + r) / group, head = h * group + (r0 + r) % group;
             load_rows(Rows<T>{qp + ((sq.q_start + i) * heads + head) * d, 0}, 0, 1, d, ld,
@@ -190,7 +206,7 @@ void attend_cache(const at::Tensor& q, const at::Tensor& k_cache, const at::Tens
         }
         const int64_t k_end = std::min(sq.len, (split + 1) * sq.chunk);
         for (int64_t k0 = split * sq.chunk; k0 < k_end; k0 += kBlockK)
-          for (int64_t h = 0; h < kv_heads; ++h)
+          for (int64_t h = h0; h < h1; ++h)
             attend(isa, opt, rows, qf.data() + h * kBlockQ * ld, ld, d, pos.data(), sq.len,
                    cache_rows<T>(k_cache, sq.table, sq.index, h), cache_rows<T>(v_cache, sq.table, sq.index, h), k0,
                    std::min(k_end, k0 + kBlockK), kt.data(), vf.data(), s.data(), po.data() + part(h) * ld,

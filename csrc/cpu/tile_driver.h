@@ -18,6 +18,7 @@ namespace flashgen::cpu::quant {
 constexpr int64_t kRowChunk = 64;  // rows whose int8 activations stay in L2 while all tiles stream past
 constexpr int64_t kMinTask = int64_t{1} << 18;  // multiply-adds per thread task (smaller work stays on one thread)
 constexpr int64_t kMinItem = int64_t{1} << 21;  // multiply-adds per work item taken in turn (see run_tiles)
+constexpr int64_t kItemsPerThread = 4;  // items per thread of a decode step's tiles (see run_tiles)
 
 // A tile kernel asks for the weight bytes it reads kPrefetchAhead bytes before it reads them: with the hardware
 // prefetcher alone, one core streamed a GEMV's weights at half its read bandwidth (AVX2, M = 1: Q4_K 8.5 GB/s
@@ -93,8 +94,12 @@ void run_tiles(const QuantActs& x, int64_t m, int64_t n, int64_t kb, float* out,
   const int64_t n_tiles = tiles(n), tile_work = kTileRows * kb * kBlock;  // multiply-adds per row per tile
   const int64_t units = (n_tiles + C - 1) / C;
   if (m <= kRowChunk) {
-    at::parallel_for(0, units, std::max<int64_t>(1, kMinTask / (m * C * tile_work)), [&](int64_t u0, int64_t u1) {
-      tile_span<MaxR, C>(x, 0, m, u0 * C, std::min(n_tiles, u1 * C), n, out, tile);
+    const int64_t grain = std::max<int64_t>(1, kMinTask / (m * C * tile_work));
+    const int64_t threads = std::min<int64_t>(at::get_num_threads(), (units + grain - 1) / grain);
+    const int64_t items = std::min<int64_t>(units, threads * kItemsPerThread), per = (units + items - 1) / items;
+    in_turn(threads, [&](auto take) {
+      for (int64_t i = take(); i * per < units; i = take())
+        tile_span<MaxR, C>(x, 0, m, i * per * C, std::min(n_tiles, (i + 1) * per * C), n, out, tile);
     });
     return;
   }
