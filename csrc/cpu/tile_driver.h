@@ -29,11 +29,12 @@ constexpr int64_t kPrefetchAhead = 4096;
 inline void prefetch_line(const void* p) {
   _mm_prefetch(static_cast<const char*>(p) + kPrefetchAhead, _MM_HINT_T0);
 }
-// The lines of piece `part` of `Parts` equal pieces of the Bytes at p.
+// The lines that start in piece `part` of `Parts` equal pieces of the Bytes at p: over all parts, each line of the
+// Bytes once.
 template <int64_t Bytes, int64_t Parts>
 inline void prefetch_part(const uint8_t* p, int64_t part) {
   constexpr int64_t piece = (Bytes + Parts - 1) / Parts;
-  for (int64_t i = part * piece / 64 * 64; i < std::min(Bytes, (part + 1) * piece); i += 64) prefetch_line(p + i);
+  for (int64_t i = (part * piece + 63) / 64 * 64; i < std::min(Bytes, (part + 1) * piece); i += 64) prefetch_line(p + i);
 }
 
 inline int32_t load4(const int8_t* p) {
