@@ -12,7 +12,8 @@
 // at a time, as it is used, which keeps every row's int16 sums in registers) and serve the call's R activation
 // rows (AVX2, 2048 x 2048 Q6_K at 4 / 16 rows: 0.55 -> 0.38 / 2.1 -> 1.2-1.5 ms on one core; 1B Q4_K_M prefill
 // 1.34x -> 1.53-1.55x llama.cpp's, decode 1.06x -> 1.02-1.13x, within this VM's noise).
-// 4-bit blocks of 32 (Q4_0, Q4_1, IQ4_NL) go through tile32_vnni, shaped as int4's kernel.
+// 4-bit blocks of 32 go through tile32_vnni (Q4_0, Q4_1, IQ4_NL), shaped as int4's kernel. On AVX2, 4-bit codes in
+// sub-blocks of 32 (Q4_0, Q4_1, Q4_K) go through tile4_avx2, whose one pass covers both halves of a tile.
 #include <immintrin.h>
 
 #include "cpu/cpu_features.h"
@@ -24,7 +25,7 @@
 namespace flashgen::cpu::quant::ggml {
 namespace {
 
-constexpr int kVnniRows = 4, kVnniTiles = 2, kAvx2Rows = 4;
+constexpr int kVnniRows = 4, kVnniTiles = 2, kAvx2Rows = 4, kTile4Rows = 5;
 
 // ---------------------------------------------------------------- AVX-512 VNNI
 // Codes of a tile-block: q[g] holds features 4g .. 4g + 3 of the 16 rows.
@@ -249,6 +250,41 @@ constexpr int run16(const Kind& kd, int gps) {
   return run;
 }
 
+// The end of super-block s for half rh of a tile (8 rows) and R activation rows: acc += d d_a (dot - zero off)
+// - dmin d_a off, where dot holds sum_j sc_j dot_j and off = sum_j c_j is_j, c the scales (a zero's term) or the
+// mins, summed by pairs of sub-blocks: (c_j, c_j+1) per row against the activation sums (is_j, is_j+1).
+template <int KI, int R>
+inline void finish_half(const QuantActs& x, const uint8_t* p, int64_t s, int rh, const __m256i (&dot)[R],
+                        __m256 (&acc)[R]) {
+  constexpr Kind kd = kKinds[KI];
+  constexpr int subs = kd.super / kd.sub;
+  __m256i off[R];
+  for (int r = 0; r < R; ++r) off[r] = _mm256_setzero_si256();
+  if constexpr (subs == 1 && !kd.scales && !kd.mn_plane()) {  // every c is 1
+    for (int r = 0; r < R; ++r) off[r] = _mm256_set1_epi32(x.isum[r * x.isum_stride + s]);
+  } else if constexpr (kd.zero || kd.mins) {
+    auto coef = [&](int j) { return kd.mins ? mins8<KI>(p, j, rh) : scales8<KI>(p, j, rh); };
+    for (int j = 0; j < subs; j += 2) {
+      const __m128i c8 = _mm_unpacklo_epi8(coef(j), subs > 1 ? coef(j + 1) : _mm_setzero_si128());
+      const __m256i c16 = kd.mins ? _mm256_cvtepu8_epi16(c8) : _mm256_cvtepi8_epi16(c8);
+      for (int r = 0; r < R; ++r) {
+        const int16_t* is = x.isum + r * x.isum_stride + s * subs + j;
+        const int32_t pair = subs > 1 ? (uint16_t(is[0]) | int32_t(is[1]) << 16) : uint16_t(is[0]);
+        off[r] = _mm256_add_epi32(off[r], _mm256_madd_epi16(c16, _mm256_set1_epi32(pair)));
+      }
+    }
+  }
+  const __m256 d = halfx8(p + kd.d_offset() + rh * 16);
+  const __m256 dmin = kd.mins ? halfx8(p + kd.dmin_offset() + rh * 16) : _mm256_setzero_ps();
+  for (int r = 0; r < R; ++r) {
+    const __m256 da = _mm256_set1_ps(x.d[r * x.d_stride + s]);
+    __m256i v = dot[r];
+    if constexpr (kd.zero) v = _mm256_sub_epi32(v, _mm256_mullo_epi32(off[r], _mm256_set1_epi32(kd.zero)));
+    acc[r] = _mm256_fmadd_ps(_mm256_mul_ps(d, da), _mm256_cvtepi32_ps(v), acc[r]);
+    if constexpr (kd.mins) acc[r] = _mm256_fnmadd_ps(_mm256_mul_ps(dmin, da), _mm256_cvtepi32_ps(off[r]), acc[r]);
+  }
+}
+
 template <int KI, int R>
 void tile_avx2(const QuantActs& x, const uint8_t* w, int64_t sbs, float* out, int64_t ldo) {
   constexpr Kind kd = kKinds[KI];
@@ -292,33 +328,62 @@ void tile_avx2(const QuantActs& x, const uint8_t* w, int64_t sbs, float* out, in
           });
         });
       }
-      // sum_j c_j is_j with c the scales (zero term) or the mins, by pairs of sub-blocks: (c_j, c_j+1) per row
-      // against the activation sums (is_j, is_j+1)
-      __m256i off[R];
-      for (int r = 0; r < R; ++r) off[r] = _mm256_setzero_si256();
-      if constexpr (kd.zero || kd.mins) {
-        auto coef = [&](int j) { return kd.mins ? mins8<KI>(p, j, rh) : scales8<KI>(p, j, rh); };
-        for (int j = 0; j < subs; j += 2) {
-          const __m128i c8 = _mm_unpacklo_epi8(coef(j), subs > 1 ? coef(j + 1) : _mm_setzero_si128());
-          const __m256i c16 = kd.mins ? _mm256_cvtepu8_epi16(c8) : _mm256_cvtepi8_epi16(c8);
+      finish_half<KI, R>(x, p, s, rh, dot, acc[rh]);
+    }
+  }
+  for (int rh = 0; rh < 2; ++rh)
+    for (int r = 0; r < R; ++r) _mm256_storeu_ps(out + r * ldo + rh * 8, acc[rh][r]);
+}
+
+// 4-bit codes in sub-blocks of 32, without high bits or a table (Q4_0, Q4_1, Q4_K): a sub-block's 8 groups sum
+// in int16 (at most 8 x 2 x 15 x 127), so both halves of the tile go in one pass. Each activation broadcast then
+// serves 16 rows and each code load R rows, and a sub-block's int16 sums widen once. The integer sums and the
+// float operations are tile_avx2's, so results are the same bit for bit.
+template <int KI, int R>
+void tile4_avx2(const QuantActs& x, const uint8_t* w, int64_t sbs, float* out, int64_t ldo) {
+  constexpr Kind kd = kKinds[KI];
+  constexpr int nb = kd.super / kBlock;
+  static_assert(kd.sub == kBlock && kd.lo_bits == 4 && !kd.hi_bits && !kd.lut && !kd.nibble_scales);
+  static_assert(run16(kd, kBlock / 4) == kBlock / 4, "a sub-block's int16 sums must not overflow");
+  const __m256i low = _mm256_set1_epi8(0x0F);
+  __m256 acc[2][R];
+  for (int rh = 0; rh < 2; ++rh)
+    for (int r = 0; r < R; ++r) acc[rh][r] = _mm256_setzero_ps();
+  for (int64_t s = 0; s < sbs; ++s) {
+    const uint8_t* p = w + s * kd.tile_bytes();
+    __m256i dot[2][R];  // sum_j sc_j dot_j, int32 per row
+    for (int rh = 0; rh < 2; ++rh)
+      for (int r = 0; r < R; ++r) dot[rh][r] = _mm256_setzero_si256();
+    for (int b = 0; b < nb; ++b) {  // sub-block b
+      const uint8_t* c = p + b * kd.code_bytes();
+      __m256i s16[2][R];
+      for (int rh = 0; rh < 2; ++rh)
+        for (int r = 0; r < R; ++r) s16[rh][r] = _mm256_setzero_si256();
+#pragma GCC unroll 4
+      for (int v = 0; v < 4; ++v) {  // features 8v .. 8v + 7: low nibbles, then high
+        prefetch_part<kd.tile_bytes(), 4 * nb>(p, 4 * b + v);
+        const __m256i raw[2] = {load256(c + v * 64), load256(c + v * 64 + 32)};
+#pragma GCC unroll 2
+        for (int nib = 0; nib < 2; ++nib) {
+          __m256i q[2];
+          for (int rh = 0; rh < 2; ++rh) q[rh] = _mm256_and_si256(nib ? _mm256_srli_epi16(raw[rh], 4) : raw[rh], low);
           for (int r = 0; r < R; ++r) {
-            const int16_t* is = x.isum + r * x.isum_stride + s * subs + j;
-            const int32_t pair = subs > 1 ? (uint16_t(is[0]) | int32_t(is[1]) << 16) : uint16_t(is[0]);
-            off[r] = _mm256_add_epi32(off[r], _mm256_madd_epi16(c16, _mm256_set1_epi32(pair)));
+            const int8_t* a = x.a + r * x.a_stride + (s * nb + b) * kBlock + 4 * (2 * v + nib);
+            const __m256i av = _mm256_set1_epi32(load4(a));
+            for (int rh = 0; rh < 2; ++rh) {
+              s16[rh][r] = _mm256_add_epi16(s16[rh][r], _mm256_maddubs_epi16(q[rh], av));
+              keep_in_register(s16[rh][r]);
+            }
           }
         }
       }
-      const __m256 d = halfx8(p + kd.d_offset() + rh * 16);
-      const __m256 dmin = kd.mins ? halfx8(p + kd.dmin_offset() + rh * 16) : _mm256_setzero_ps();
-      for (int r = 0; r < R; ++r) {
-        const __m256 da = _mm256_set1_ps(x.d[r * x.d_stride + s]);
-        __m256i v = dot[r];
-        if constexpr (kd.zero) v = _mm256_sub_epi32(v, _mm256_mullo_epi32(off[r], _mm256_set1_epi32(kd.zero)));
-        acc[rh][r] = _mm256_fmadd_ps(_mm256_mul_ps(d, da), _mm256_cvtepi32_ps(v), acc[rh][r]);
-        if constexpr (kd.mins)
-          acc[rh][r] = _mm256_fnmadd_ps(_mm256_mul_ps(dmin, da), _mm256_cvtepi32_ps(off[r]), acc[rh][r]);
+      for (int rh = 0; rh < 2; ++rh) {
+        const __m128i sc8 = scales8<KI>(p, b, rh);
+        const __m256i sc16 = _mm256_cvtepi8_epi16(_mm_unpacklo_epi8(sc8, sc8));  // (sc, sc) per row
+        for (int r = 0; r < R; ++r) dot[rh][r] = _mm256_add_epi32(dot[rh][r], _mm256_madd_epi16(s16[rh][r], sc16));
       }
     }
+    for (int rh = 0; rh < 2; ++rh) finish_half<KI, R>(x, p, s, rh, dot[rh], acc[rh]);
   }
   for (int rh = 0; rh < 2; ++rh)
     for (int r = 0; r < R; ++r) _mm256_storeu_ps(out + r * ldo + rh * 8, acc[rh][r]);
@@ -342,16 +407,19 @@ void gemm(const QuantActs& x, int64_t m, const uint8_t* w, int64_t n, int64_t k,
   // registers hold 8 rows, so each tile-block serves 8 (4096 x 4096 x 128 rows: Q6_K 18.0 -> 16.3 ms, Q3_K 17.3 ->
   // 16.0; for the other types 8 rows were no faster).
   constexpr int vnni_rows = kd.hi_bits && kd.scales && !kd.mins ? 2 * kVnniRows : kVnniRows;
-  // AVX2: plain 4-bit codes with mins (Q4_1, Q4_K) serve 8 rows per tile-block pass (one core, 1024 x 2048 in
-  // cache, 8 / 16 rows against 4 per pass: Q4_K +4 / +31%, Q4_1 +13 / +8%; 2 threads: 1B Q4_K_M 512-token prefill
-  // +5-10%, default model B=16 decode step -15%). A zero's offset term leaves too few registers for 8 (Q6_K +8 /
-  // -4%, 1B Q4_0 prefill -10%); the other kinds were not measured at 8.
-  constexpr int avx2_rows = kd.mins && kd.lo_bits == 4 && !kd.hi_bits ? 2 * kAvx2Rows : kAvx2Rows;
+  // AVX2: 4-bit codes in sub-blocks of 32 go both halves at a time, 5 rows per pass (one core, 1024 x 2048 in cache,
+  // Q4_0 / Q4_1 against tile_avx2 at 4 / 8 rows: 4 rows +50-70%, 16 rows +60-65%, 1 row +15%; 5 rows against 4
+  // +3-10%, 6 no better; 2 threads, 512-token prefill: default model (Q4_1) 690-730 -> 1040-1100 tok/s, 1B Q4_0
+  // 96 -> 156-169).
+  constexpr bool avx2_tile4 = kd.sub == kBlock && kd.lo_bits == 4 && !kd.hi_bits && !kd.lut && !kd.nibble_scales;
   if (vnni)
     run_tiles<vnni_rows, 1>(x, m, n, k / kBlock, out, [&](int64_t t, auto, const QuantActs& xr, auto R, float* dst,
                                                           int64_t ldo) { tile_vnni<KI, R()>(xr, w + t * stride, sbs, dst, ldo); });
+  else if constexpr (avx2_tile4)
+    run_tiles<kTile4Rows, 1>(x, m, n, k / kBlock, out, [&](int64_t t, auto, const QuantActs& xr, auto R, float* dst,
+                                                            int64_t ldo) { tile4_avx2<KI, R()>(xr, w + t * stride, sbs, dst, ldo); });
   else
-    run_tiles<avx2_rows, 1>(x, m, n, k / kBlock, out, [&](int64_t t, auto, const QuantActs& xr, auto R, float* dst,
+    run_tiles<kAvx2Rows, 1>(x, m, n, k / kBlock, out, [&](int64_t t, auto, const QuantActs& xr, auto R, float* dst,
                                                           int64_t ldo) { tile_avx2<KI, R()>(xr, w + t * stride, sbs, dst, ldo); });
 }
 
