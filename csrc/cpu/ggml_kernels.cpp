@@ -424,9 +424,9 @@ void gemm(const QuantActs& x, int64_t m, const uint8_t* w, int64_t n, int64_t k,
   // 16.0; for the other types 8 rows were no faster).
   constexpr int vnni_rows = kd.hi_bits && kd.scales && !kd.mins ? 2 * kVnniRows : kVnniRows;
   // AVX2: 4-bit codes in sub-blocks of 32 go both halves at a time, 5 rows per pass (one core, 1024 x 2048 in cache,
-  // Q4_0 / Q4_1 against tile_avx2 at 4 / 8 rows: 4 rows +50-70%, 16 rows +60-65%, 1 row +15%; 5 rows against 4
-  // +3-10%, 6 no better; 2 threads, 512-token prefill: default model (Q4_1) 690-730 -> 1040-1100 tok/s, 1B Q4_0
-  // 96 -> 156-169).
+  // Q4_0 / Q4_1 against tile_avx2 at 4 / 8 rows: 4 rows +50-70%, 16 rows +60-65%, 1 row +15%; Q4_K against 8 rows:
+  // 5 / 16 rows +20-25%; 5 rows against 4 +3-10%, 6 no better; 2 threads, 512-token prefill: default model (Q4_1)
+  // 690-730 -> 1040-1100 tok/s, 1B Q4_0 96 -> 156-169).
   constexpr bool avx2_tile4 = kd.sub == kBlock && kd.lo_bits == 4 && !kd.hi_bits && !kd.lut && !kd.nibble_scales;
   if (vnni)
     run_tiles<vnni_rows, 1>(x, m, n, k / kBlock, out, [&](int64_t t, auto, const QuantActs& xr, auto R, float* dst,
