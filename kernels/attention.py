@@ -198,7 +198,8 @@ def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, *, cache_seqlen
         q: (batch, seqlen_q, heads, head_dim).
         k_cache, v_cache: contiguous (batch_cache >= batch, seqlen_cache, kv_heads, head_dim), row b for sequence
             b; or, with block_table, paged (num_blocks, block_size, kv_heads, head_dim), block_size a multiple
-            of 16.
+            of 16. Any strides with head_dim contiguous; k_cache may instead be contiguous in its tokens
+            (key-major, as the engine's CPU cache: the CPU and Triton kernels take it).
         k, v: optional new tokens (batch, seqlen_new, kv_heads, head_dim).
         cache_seqlens: int32 (batch,) (or an int for all) tokens already in the cache.
         block_table: int32 (batch, max_blocks): cache token t of sequence b lives in block block_table[b, t //
@@ -245,7 +246,8 @@ def flash_attn_varlen_with_kvcache(q, k_cache, v_cache, k=None, v=None, *, cu_se
 
     Args:
         q: (total_tokens, heads, head_dim).
-        k_cache, v_cache: paged (num_blocks, block_size, kv_heads, head_dim), block_size a multiple of 16.
+        k_cache, v_cache: paged (num_blocks, block_size, kv_heads, head_dim), block_size a multiple of 16;
+            strided as in flash_attn_with_kvcache.
         k, v: optional new tokens (total_tokens, kv_heads, head_dim), one per query row.
         cu_seqlens_q: int32 (batch + 1,), cu_seqlens_q[0] = 0, non-decreasing; rows past the last are ignored
             (out 0, lse -inf).

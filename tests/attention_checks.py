@@ -77,14 +77,20 @@ def assert_lse(got, ref, baseline):
     assert err <= 2 * base + 1e-5, f"lse: error {err:.3g} vs eager {base:.3g}"
 
 
-def paged_cache(batch, capacity, block_size, kv_heads, head_dim, dtype, device="cpu"):
+def key_major(cache):
+    """A copy of a (blocks or batch, tokens, kv_heads, head_dim) cache whose memory is (.., kv_heads, head_dim,
+    tokens), as the engine's CPU cache holds its keys."""
+    return cache.permute(0, 2, 3, 1).contiguous().permute(0, 3, 1, 2)
+
+
+def paged_cache(batch, capacity, block_size, kv_heads, head_dim, dtype, device="cpu", keys_key_major=False):
     """k/v caches with spare blocks and a random block table (blocks scattered, not 0..n)."""
     per_seq = math.ceil(capacity / block_size)
     num_blocks = batch * per_seq + 3
     k_cache = randn(num_blocks, block_size, kv_heads, head_dim, dtype=dtype, device=device)
     v_cache = randn(num_blocks, block_size, kv_heads, head_dim, dtype=dtype, device=device)
     block_table = torch.randperm(num_blocks, device=device)[: batch * per_seq].view(batch, per_seq).int()
-    return k_cache, v_cache, block_table
+    return key_major(k_cache) if keys_key_major else k_cache, v_cache, block_table
 
 
 def cached(cache, b, length, block_table):
@@ -111,12 +117,12 @@ VARLEN_DECODE = [
 
 
 def check_varlen_kvcache(fn, lens, new, heads, kv_heads, head_dim, block_size, window, softcap, dtype, poisoned,
-                         device="cpu"):
+                         device="cpu", keys_key_major=False):
     """fn (a flash_attn_varlen_kvcache kernel) on packed prefill chunks and decodes over a paged cache, plus two
     trailing rows past the last sequence: the in-place append exact, out and lse by the FlashAttention rule."""
     batch, total = len(lens), sum(new)
     k_cache, v_cache, block_table = paged_cache(batch, max(a + b for a, b in zip(lens, new)) + 5, block_size,
-                                                kv_heads, head_dim, dtype, device)
+                                                kv_heads, head_dim, dtype, device, keys_key_major)
     cache_seqlens = torch.tensor(lens, dtype=torch.int32, device=device)
     cu = torch.tensor([0, *torch.tensor(new).cumsum(0).tolist()], dtype=torch.int32, device=device)
     q = randn(total + 2, heads, head_dim, dtype=dtype, device=device)  # two trailing rows past the last sequence

@@ -17,6 +17,8 @@ from flashgen.kernels import _backend, flash_attn_func, flash_attn_varlen_func, 
 from flashgen.kernels import reference as ref
 from flashgen.kernels.attention import check_cache_contents
 
+from attention_checks import key_major
+
 OPS = ["flash_attn_fwd", "flash_attn_bwd", "flash_attn_kvcache"]
 F32, BF16, F16 = torch.float32, torch.bfloat16, torch.float16
 
@@ -188,6 +190,12 @@ def test_kvcache(case):
     # The new tokens were written in place, exactly, and nothing else changed.
     torch.testing.assert_close(kc_got.double(), kc_ref, rtol=0, atol=0, equal_nan=True)
     torch.testing.assert_close(vc_got.double(), vc_ref, rtol=0, atol=0, equal_nan=True)
+    # Key-major keys (the engine's CPU cache) give the same results bit for bit and take the append alike.
+    km, kc_km, _ = run(torch.ops.flashgen.flash_attn_kvcache, lambda t: key_major(t) if t is kc else t.clone())
+    assert kc_km.stride(1) == 1
+    for g, k_ in zip(got, km):
+        assert torch.equal(g, k_)
+    torch.testing.assert_close(kc_km.double(), kc_ref, rtol=0, atol=0, equal_nan=True)
 
 
 def test_kvcache_pages_out_of_order_inside_a_key_block():
@@ -387,5 +395,12 @@ def test_kvcache_bad_inputs():
     with pytest.raises(RuntimeError, match="cache tokens"):
         torch.ops.flashgen.flash_attn_kvcache(q, kc[:2], vc[:2], new, new, torch.tensor([3, 64], dtype=torch.int32),
                                               None, 0.125, True, -1, -1, 0.0, 0)
+    lens = torch.tensor([3, 3], dtype=torch.int32)
+    with pytest.raises(RuntimeError, match=r"k_cache must be contiguous in head_dim \(stride\(3\) == 1\) or in its"):
+        torch.ops.flashgen.flash_attn_kvcache(q, kc.transpose(0, 3).contiguous().transpose(0, 3), vc, None, None,
+                                              lens, table, 0.125, True, -1, -1, 0.0, 0)
+    with pytest.raises(RuntimeError, match=r"v_cache must be contiguous in head_dim"):
+        torch.ops.flashgen.flash_attn_kvcache(q, kc, key_major(vc), None, None, lens, table, 0.125, True, -1, -1,
+                                              0.0, 0)
     with pytest.raises(RuntimeError, match="float32, bfloat16 or float16"):
         torch.ops.flashgen.flash_attn_fwd(*(t.double() for t in _qkv()), None, None, 4, 4, 0.125, False, -1, -1, 0.0)

@@ -11,6 +11,7 @@ from torch.library import opcheck
 from flashgen.kernels import _backend, flash_attn_varlen_with_kvcache
 from flashgen.kernels import reference as ref
 
+from attention_checks import key_major
 from test_attention import BF16, F16, F32, _poison_empty, _rand, assert_flash_rule  # noqa: F401
 
 OP = torch.ops.flashgen.flash_attn_varlen_kvcache
@@ -76,6 +77,11 @@ def test_matches_reference(case):
     # The new tokens were written in place, exactly, and nothing else changed.
     torch.testing.assert_close(kc_got.double(), kc_ref, rtol=0, atol=0, equal_nan=True)
     torch.testing.assert_close(vc_got.double(), vc_ref, rtol=0, atol=0, equal_nan=True)
+    # Key-major keys (the engine's CPU cache): the same results bit for bit, the same append.
+    km, kc_km, _ = run(OP, lambda t: key_major(t) if t is kc else t.clone())
+    for g, k_ in zip(got, km):
+        assert torch.equal(g, k_)
+    torch.testing.assert_close(kc_km.double(), kc_ref, rtol=0, atol=0, equal_nan=True)
 
 
 def _step(q, kc, vc, k, v, new, cached, table, window=(-1, -1)):

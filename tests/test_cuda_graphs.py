@@ -69,10 +69,10 @@ def test_padding_rows_write_only_the_scratch_block(tiny_models):  # noqa: F811
     scratch = cache.num_blocks - 1
     assert graphs.scratch == scratch == llm.engine.blocks.num_free  # the block manager never hands it out
     cache.k_heads.normal_(), cache.v_heads.normal_()
-    k0, v0 = cache.k_heads.clone(), cache.v_heads.clone()
+    k0, v0 = cache.k.clone(), cache.v.clone()
     table = torch.tensor([[3, 9], [4, 0], [7, 1]], dtype=torch.int32)
     seqlens = [70, 5, 64]  # rows: block 9 row 6, block 4 row 5, block 1 row 0
     graphs.run([11, 12, 13], seqlens, table)  # bucket 4: one padding row
-    changed = ((cache.k_heads != k0) | (cache.v_heads != v0)).any(dim=(0, 2, 4))  # (blocks, rows)
+    changed = ((cache.k != k0) | (cache.v != v0)).any(dim=(0, 3, 4))  # (blocks, rows)
     written = {(int(b), int(r)) for b, r in changed.nonzero()}
     assert written == {(9, 6), (4, 5), (1, 0), (scratch, 0)}

@@ -79,7 +79,8 @@ def test_greedy_tokens_and_cache_match(pair):
 @torch.inference_mode()
 def test_cache_memory_is_head_major(pair):
     """The cache memory is (layers, batch, kv_heads, max_seq_len, head_dim), so that one sequence's keys of one kv
-    head lie contiguous; the forward writes them through the op's (batch, seq, kv_heads, head_dim) views."""
+    head lie contiguous, the keys (on the CPU) key-major, (.., head_dim, max_seq_len); the forward writes them
+    through the op's (batch, seq, kv_heads, head_dim) views."""
     model = pair[0].model
     cache, c = model.cache, model.config
     cache.k_heads.zero_(), cache.v_heads.zero_()  # earlier tests left rows behind
@@ -87,9 +88,12 @@ def test_cache_memory_is_head_major(pair):
     k, v = cache.layer(1)
     assert k.shape == v.shape == (cache.max_batch_size, cache.max_seq_len, c.num_kv_heads, c.head_dim)
     n = LENGTHS[0]
+    assert cache.key_major and cache.k_heads[1, 0, -1].shape == (c.head_dim, cache.max_seq_len)
     for mem in (cache.k_heads[1, 0, -1], cache.v_heads[1, 0, -1]):
         assert mem.is_contiguous()
-        assert (mem[:n].abs().sum(-1) > 0).all() and not mem[n:].any()  # written: the prompt's n rows only
+    for rows in (cache.k_heads[1, 0, -1].t(), cache.v_heads[1, 0, -1]):  # (max_seq_len, head_dim)
+        assert (rows[:n].abs().sum(-1) > 0).all() and not rows[n:].any()  # written: the prompt's n rows only
+    assert torch.equal(k[0, :, -1], cache.k_heads[1, 0, -1].t()) and torch.equal(v[0, :, -1], cache.v_heads[1, 0, -1])
 
 
 @torch.inference_mode()

@@ -153,13 +153,13 @@ def test_aot_specs_cover_every_argument():
         assert all(s["signature"][c] == "constexpr" for c in s["constexprs"]), s["name"]
 
 
-@pytest.mark.parametrize("splits", [None, 3])
+@pytest.mark.parametrize("splits,keys_key_major", [(None, False), (3, False), (None, True)])
 @pytest.mark.parametrize("lens,new,heads,kv_heads,head_dim,block_size,window,softcap,dtype", VARLEN_DECODE)
 def test_varlen_kvcache(lens, new, heads, kv_heads, head_dim, block_size, window, softcap, dtype, splits,
-                        monkeypatch):
+                        keys_key_major, monkeypatch):
     """Packed prefill chunks and decodes over a paged cache (flash_attn_varlen_kvcache), one launch (and the
-    merge of split-K partials when forced)."""
+    merge of split-K partials when forced); keys also key-major, as the engine's CPU cache holds them."""
     if splits:
         monkeypatch.setattr(tri, "_num_splits", lambda *a: splits)
     check_varlen_kvcache(tri.flash_attn_varlen_kvcache, lens, new, heads, kv_heads, head_dim, block_size, window,
-                         softcap, dtype, poisoned)
+                         softcap, dtype, poisoned, keys_key_major=keys_key_major)

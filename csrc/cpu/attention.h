@@ -61,13 +61,14 @@ struct Options {
 };
 
 // Where the rows of one (sequence, head) live: token t -> base + t * tok_stride, or through a paged
-// block table: base + table[t / block_size] * block_stride + (t % block_size) * tok_stride.
+// block table: base + table[t / block_size] * block_stride + (t % block_size) * tok_stride; feature c of a
+// row at c * col_stride from it (1, or a key-major cache's: its keys are the contiguous dimension).
 template <typename T>
 struct Rows {
   const T* base;
   int64_t tok_stride;
   const int32_t* table = nullptr;
-  int64_t block_size = 1, block_stride = 0;
+  int64_t block_size = 1, block_stride = 0, col_stride = 1;
 
   const T* row(int64_t t) const {
     return table ? base + int64_t(table[t / block_size]) * block_stride + (t % block_size) * tok_stride
@@ -113,9 +114,20 @@ void load_rows(const Rows<T>& src, int64_t t0, int n, int d, int ld, float* dst,
 
 // n rows t0.. of src transposed into dst (d x kBlockK): dst[c * kBlockK + r] = src[t0 + r][c]. Rows that lie
 // evenly strided in memory (Rows::evenly_strided) go 16 x 16 through SIMD transposes (16-bit rows converted
-// to float32 first).
+// to float32 first). A key-major src (tok_stride 1) is already transposed: each feature's keys are copied
+// (converted) as they lie, page by page.
 template <typename T>
 void load_cols(const Rows<T>& src, int64_t t0, int n, int d, float* dst) {
+  if (src.tok_stride == 1 && src.col_stride != 1) {
+    for (int r = 0; r < n;) {
+      const int64_t t = t0 + r;
+      const int run = int(std::min<int64_t>(n - r, src.table ? src.block_size - t % src.block_size : n - r));
+      const T* first = src.row(t);
+      for (int c = 0; c < d; ++c) convert_row(first + c * src.col_stride, run, 1.f, dst + int64_t(c) * kBlockK + r);
+      r += run;
+    }
+    return;
+  }
   int r0 = 0;
   const Simd& isa = simd();
   alignas(64) float block[16 * 16];
@@ -141,11 +153,11 @@ void load_cols(const Rows<T>& src, int64_t t0, int n, int d, float* dst) {
 }
 
 // S (rows x kBlockK) = scores of qf (rows x ldq, already scaled by softmax_scale) against the keys
-// k0 .. k0 + nk - 1 held transposed in kt (d x kBlockK): softcapped, and -inf outside each row's key range
-// (row_pos[r] is row r's key position, sk the sequence's number of keys). If tanh_grad is given it receives
-// 1 - tanh^2 of the softcap (for the backward).
-void scores(const Simd& isa, const Options& opt, int rows, const float* qf, int ldq, const float* kt, int d,
-            int64_t k0, int nk, const int64_t* row_pos, int64_t sk, float* s, float* tanh_grad = nullptr);
+// k0 .. k0 + nk - 1 held transposed in kt (d x ldk, its first round_up(nk, kVec) columns read): softcapped, and
+// -inf outside each row's key range (row_pos[r] is row r's key position, sk the sequence's number of keys). If
+// tanh_grad is given it receives 1 - tanh^2 of the softcap (for the backward).
+void scores(const Simd& isa, const Options& opt, int rows, const float* qf, int ldq, const float* kt, int64_t ldk,
+            int d, int64_t k0, int nk, const int64_t* row_pos, int64_t sk, float* s, float* tanh_grad = nullptr);
 
 // Online softmax of `rows` query rows (qf: rows x ldq, scaled) over keys [k_begin, k_end) of one sequence
 // with sk keys: updates the running max m, sum l and the unnormalized output o (rows x ldq). Key blocks

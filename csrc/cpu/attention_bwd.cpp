@@ -41,7 +41,7 @@ struct QueryTile {
 // P (in p) and dS (in ds), rows x kBlockK, for a query tile against keys k0 .. k0 + nk - 1 (kt, vt: d x kBlockK).
 void grad_tile(const Simd& isa, const Options& opt, const QueryTile& qt, int d, int ld, const float* kt,
                const float* vt, int64_t k0, int nk, int64_t sk, float* p, float* ds, float* tanh_grad) {
-  scores(isa, opt, qt.rows, qt.qf.data(), ld, kt, d, k0, nk, qt.pos.data(), sk, p, tanh_grad);
+  scores(isa, opt, qt.rows, qt.qf.data(), ld, kt, kBlockK, d, k0, nk, qt.pos.data(), sk, p, tanh_grad);
   for (int r = 0; r < qt.rows; ++r) {
     float* pr = p + int64_t(r) * kBlockK;
     if (qt.lse[r] == kNegInf) std::fill(pr, pr + kBlockK, 0.f);

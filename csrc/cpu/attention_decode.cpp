@@ -25,8 +25,8 @@ namespace {
 template <typename T>
 Rows<T> cache_rows(const at::Tensor& cache, const int32_t* table, int64_t b, int64_t h) {
   T* base = cache.data_ptr<T>() + h * cache.stride(2);
-  if (table) return Rows<T>{base, cache.stride(1), table, cache.size(1), cache.stride(0)};
-  return Rows<T>{base + b * cache.stride(0), cache.stride(1)};
+  if (table) return Rows<T>{base, cache.stride(1), table, cache.size(1), cache.stride(0), cache.stride(3)};
+  return Rows<T>{base + b * cache.stride(0), cache.stride(1), nullptr, 1, 0, cache.stride(3)};
 }
 
 // Dense q (batch, seqlen_q, heads, d) with k, v (batch, seqlen_new, kv_heads, d), or packed (varlen) q
@@ -43,9 +43,14 @@ void check_inputs(const char* op, const at::Tensor& q, const at::Tensor& k_cache
   for (const auto* t : {&k_cache, &v_cache}) {
     TORCH_CHECK(t->scalar_type() == q.scalar_type(), op, ": the caches must have q's dtype ", q.scalar_type(),
                 ", got ", t->scalar_type());
-    TORCH_CHECK(t->device().is_cpu() && t->stride(3) == 1, op,
-                ": k_cache / v_cache must be CPU tensors with a contiguous last dimension");
+    TORCH_CHECK(t->device().is_cpu(), op, ": k_cache / v_cache must be CPU tensors");
   }
+  // Keys may also lie key-major (stride 1 along the tokens of a block): a block of them is then already the
+  // transposed tile the scores read.
+  TORCH_CHECK(k_cache.stride(3) == 1 || k_cache.stride(1) == 1, op, ": k_cache must be contiguous in head_dim ",
+              "(stride(3) == 1) or in its tokens (stride(1) == 1), got strides ", k_cache.strides());
+  TORCH_CHECK(v_cache.stride(3) == 1, op, ": v_cache must be contiguous in head_dim (stride(3) == 1), got strides ",
+              v_cache.strides());
   TORCH_CHECK(q.device().is_cpu(), op, ": q must be a CPU tensor");
   const int64_t d = q.size(-1), heads = q.size(-2);
   TORCH_CHECK(d >= 1 && d <= 256, op, ": head_dim must be in [1, 256], got ", d);
@@ -119,8 +124,15 @@ void append(const at::Tensor& cache, const at::Tensor& src, const std::vector<Ca
       const CacheSeq& s = seqs[i / kv_heads];
       const int64_t h = i % kv_heads;
       const Rows<T> dst = cache_rows<T>(cache, s.table, s.index, h);
-      for (int64_t t = 0; t < s.n_new; ++t)
-        std::copy_n(sp + ((s.new_start + t) * kv_heads + h) * d, d, const_cast<T*>(dst.row(s.cached + t)));
+      for (int64_t t = 0; t < s.n_new; ++t) {
+        const T* row = sp + ((s.new_start + t) * kv_heads + h) * d;
+        T* to = const_cast<T*>(dst.row(s.cached + t));
+        if (dst.col_stride == 1) {
+          std::copy_n(row, d, to);
+        } else {
+          for (int64_t c = 0; c < d; ++c) to[c * dst.col_stride] = row[c];
+        }
+      }
     }
   });
 }

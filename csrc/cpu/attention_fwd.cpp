@@ -20,8 +20,16 @@ void attend(const Simd& isa, const Options& opt, int rows, const float* qf, int 
   const auto [kb, ke] = key_span(opt, rows, row_pos, sk, k_begin, k_end);
   for (int64_t k0 = kb; k0 < ke; k0 += kBlockK) {
     const int nk = int(std::min<int64_t>(kBlockK, ke - k0)), cols = int(round_up(nk, kVec));
-    load_cols(k, k0, nk, d, kt);
-    scores(isa, opt, rows, qf, ldq, kt, d, k0, nk, row_pos, sk, s);
+    // float keys stored key-major in a page that holds the block's cols columns: read in place, already
+    // transposed (the columns past nk are the page's other keys, which the mask overwrites)
+    const float* keys = kt;
+    int64_t ldk = kBlockK;
+    if constexpr (std::is_same_v<T, float>) {
+      if (k.tok_stride == 1 && k.col_stride != 1 && k.table && k0 % k.block_size + cols <= k.block_size)
+        keys = k.row(k0), ldk = k.col_stride;
+    }
+    if (keys == kt) load_cols(k, k0, nk, d, kt);
+    scores(isa, opt, rows, qf, ldq, keys, ldk, d, k0, nk, row_pos, sk, s);
     for (int r = 0; r < rows; ++r) {
       float* sr = s + int64_t(r) * kBlockK;
       const float m_new = std::max(m[r], isa.row_max(sr, cols));

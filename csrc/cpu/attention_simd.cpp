@@ -280,11 +280,11 @@ const Simd& simd() {
   return use_avx512 ? avx512 : avx2;
 }
 
-void scores(const Simd& isa, const Options& opt, int rows, const float* qf, int ldq, const float* kt, int d,
-            int64_t k0, int nk, const int64_t* row_pos, int64_t sk, float* s, float* tanh_grad) {
+void scores(const Simd& isa, const Options& opt, int rows, const float* qf, int ldq, const float* kt, int64_t ldk,
+            int d, int64_t k0, int nk, const int64_t* row_pos, int64_t sk, float* s, float* tanh_grad) {
   // a sequence's last key block is partial (a decode step's often holds a few keys): its columns past the
   // last kVec of keys are left to the mask
-  isa.gemm(rows, int(round_up(nk, kVec)), d, qf, ldq, 1, kt, kBlockK, s, kBlockK, false);
+  isa.gemm(rows, int(round_up(nk, kVec)), d, qf, ldq, 1, kt, ldk, s, kBlockK, false);
   if (opt.softcap > 0) {
     const float inv = 1.f / opt.softcap;
     for (int i = 0; i < rows * kBlockK; ++i) {

@@ -225,7 +225,7 @@ struct CpuDecoder : torch::CustomClassHolder {
   // dims: hidden, heads, kv_heads, head_dim, rotary_dim (0: learned positions), intermediate, vocab,
   // window_left (-1: none), gated (0 / 1), activation (0 silu, 1 gelu, 2 gelu tanh); floats: eps, softmax scale.
   // k_cache, v_cache (layers, num_blocks, block_size, kv_heads, head_dim) float32, bfloat16 or float16 (strided
-  // views, as the engine's head-major blocks; a 16-bit cache takes q, k, v rounded to it).
+  // views, as the engine's head-major blocks, keys key-major; a 16-bit cache takes q, k, v rounded to it).
   CpuDecoder(c10::Dict<std::string, int64_t> dims, c10::Dict<std::string, double> floats, at::Tensor tok_emb,
              at::Tensor pos_emb, at::Tensor inv_freq, at::Tensor k_cache, at::Tensor v_cache)
       : tok_emb(std::move(tok_emb)), pos_emb(std::move(pos_emb)), inv_freq(std::move(inv_freq)),
@@ -253,12 +253,12 @@ struct CpuDecoder : torch::CustomClassHolder {
                 ": k_cache must be (layers, max_batch, max_seq_len, kv_heads, head_dim), got ", kc.sizes());
     for (const at::Tensor* c : {&this->k_cache, &this->v_cache})
       TORCH_CHECK(c->device().is_cpu() && c->scalar_type() == kc.scalar_type() && c->sizes().equals(kc.sizes()) &&
-                      c->stride(4) == 1 &&
+                      (c->stride(4) == 1 || (c == &kc && c->stride(2) == 1)) &&
                       (c->scalar_type() == at::kFloat || c->scalar_type() == at::kBFloat16 ||
                        c->scalar_type() == at::kHalf),
                   kOp, ": k_cache and v_cache must be float32, bfloat16 or float16 CPU tensors of one shape and ",
-                  "dtype, contiguous in head_dim (any other strides), got ", c->scalar_type(), " ", c->sizes(),
-                  " strides ", c->strides(), " on ", c->device());
+                  "dtype, contiguous in head_dim (keys: or in block_size; any other strides), got ", c->scalar_type(),
+                  " ", c->sizes(), " strides ", c->strides(), " on ", c->device());
   }
 
   void add_layer(at::Tensor attn_w, at::Tensor attn_b, at::Tensor mlp_w, at::Tensor mlp_b, at::Tensor q_norm,

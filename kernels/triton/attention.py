@@ -320,7 +320,7 @@ def _bwd_dq_kernel(Q, K, V, DOut, Lse, Delta, DQ, cu_q, cu_k,
 # ------------------------------------------------------------------------------------------------ decode
 @triton.jit
 def _decode_kernel(Q, KC, VC, Out, Lse, BlockTable, CacheSeqlens, cu_q,
-                   stride_qb, stride_qs, stride_qh, stride_kb, stride_ks, stride_kh,
+                   stride_qb, stride_qs, stride_qh, stride_kb, stride_ks, stride_kh, stride_kd,
                    stride_vb, stride_vs, stride_vh, stride_osplit, stride_ob, stride_os, stride_oh,
                    stride_lsplit, stride_lb, stride_lh, stride_bt,
                    num_kv_heads, group, seqlen_q, seqlen_new, page_size, scale, softcap, window_left, window_right,
@@ -364,7 +364,8 @@ def _decode_kernel(Q, KC, VC, Out, Lse, BlockTable, CacheSeqlens, cu_q,
     hi = tl.minimum(hi, (split + 1) * per_split * BLOCK_N)
 
     local_n = tl.arange(0, BLOCK_N)
-    k_tile = local_n[:, None] * stride_ks + offs_d[None, :]
+    # stride_kd: 1, or a key-major cache's (the CPU engine's; Triton's interpreter runs on it)
+    k_tile = local_n[:, None] * stride_ks + offs_d[None, :] * stride_kd
     v_tile = local_n[:, None] * stride_vs + offs_d[None, :]
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
@@ -581,8 +582,8 @@ def flash_attn_kvcache(q, k_cache, v_cache, k, v, cache_seqlens, block_table, so
         return torch.ops.flashgen_cuda.flash_attn_kvcache(q, k_cache, v_cache, k, v, cache_seqlens, block_table,
                                                           softmax_scale, causal, window_left, window_right,
                                                           softcap, num_splits)
-    if k_cache.stride(-1) != 1 or v_cache.stride(-1) != 1:
-        raise ValueError("flash_attn_kvcache: k_cache and v_cache must be contiguous in head_dim (stride 1)")
+    if v_cache.stride(-1) != 1:
+        raise ValueError("flash_attn_kvcache: v_cache must be contiguous in head_dim (stride 1)")
     if k is not None:
         append_kv(k_cache, v_cache, k, v, cache_seqlens, block_table)
     (q,) = _contig(q)
@@ -616,7 +617,7 @@ def flash_attn_kvcache(q, k_cache, v_cache, k, v, cache_seqlens, block_table, so
     p_strides = out_p.stride()[-4:-1]
     _decode_kernel[(splits, batch * kv_heads, m_tiles)](
         q, k_cache, v_cache, out_p, lse_p, block_table, cache_seqlens, cache_seqlens,
-        *_bsh(q, False), *_bsh(k_cache, False), *_bsh(v_cache, False), split_strides[0], *p_strides,
+        *_bsh(q, False), *_bsh(k_cache, False), k_cache.stride(3), *_bsh(v_cache, False), split_strides[0], *p_strides,
         split_strides[1], *lse_p.stride()[-3:-1], block_table.stride(0) if paged else 0,
         kv_heads, group, seqlen_q, k.shape[1] if k is not None else 0, k_cache.shape[1] if paged else 0,
         softmax_scale, softcap, wl, wr,
@@ -634,8 +635,8 @@ def flash_attn_varlen_kvcache(q, k_cache, v_cache, k, v, cu_seqlens_q, cache_seq
                               causal, window_left, window_right, softcap):
     """Packed sequences over a paged cache: the decode kernel with VARLEN, one program row per (sequence, kv
     head, row tile up to the longest sequence's rows; reading that length is the one host sync)."""
-    if k_cache.stride(-1) != 1 or v_cache.stride(-1) != 1:
-        raise ValueError("flash_attn_varlen_kvcache: k_cache and v_cache must be contiguous in head_dim (stride 1)")
+    if v_cache.stride(-1) != 1:
+        raise ValueError("flash_attn_varlen_kvcache: v_cache must be contiguous in head_dim (stride 1)")
     if k_cache.shape[1] % 16:
         raise ValueError(f"flash_attn_varlen_kvcache: block_size must be a multiple of 16, got {k_cache.shape[1]}")
     (q,) = _contig(q)
@@ -673,7 +674,7 @@ def flash_attn_varlen_kvcache(q, k_cache, v_cache, k, v, cu_seqlens_q, cache_seq
     wl, wr = _windows(causal, window_left, window_right)
     _decode_kernel[(splits, batch * kv_heads, m_tiles)](
         q, k_cache, v_cache, out_p, lse_p, block_table, cache_seqlens, cu_seqlens_q,
-        0, *q.stride()[:2], *_bsh(k_cache, False), *_bsh(v_cache, False), split_strides[0], 0,
+        0, *q.stride()[:2], *_bsh(k_cache, False), k_cache.stride(3), *_bsh(v_cache, False), split_strides[0], 0,
         *out_p.stride()[-3:-1], split_strides[1], 0, lse_p.stride(-2), block_table.stride(0),
         kv_heads, group, max_q, int(k is not None), k_cache.shape[1], softmax_scale, softcap, wl, wr,
         HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_M=block_m, BLOCK_N=block_n, PAGED=True, SOFTCAP=softcap > 0,
@@ -730,8 +731,9 @@ def aot_specs():
                                    dict(flags, BLOCK_M=bm, BLOCK_N=bn, VARLEN=True), w, s))
             max_bm, bn, w, s = _config("decode", bd, torch_dtype)
             for bm in sorted({16, max_bm}):
+                # head_dim-contiguous keys, as a GPU cache holds them (the JIT specializes a stride of 1 too)
                 specs.append(_spec(f"attn_decode_{dt}_d{bd}_m{bm}", _decode_kernel, dt,
-                                   dict(flags, BLOCK_M=bm, BLOCK_N=bn, PAGED=True, VARLEN=True), w, s))
+                                   dict(flags, BLOCK_M=bm, BLOCK_N=bn, PAGED=True, VARLEN=True, stride_kd=1), w, s))
             specs.append(_spec(f"attn_bwd_delta_{dt}_d{bd}", _bwd_delta_kernel, dt,
                                dict(HEAD_DIM=bd, BLOCK_D=bd, BLOCK_M=_DELTA_BLOCK_M), 4, 1))
             specs.append(_spec(f"attn_decode_merge_{dt}_d{bd}", _decode_merge_kernel, dt,
