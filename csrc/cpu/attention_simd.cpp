@@ -188,11 +188,11 @@ inline void row256(int vecs, int kk, const float* a, int64_t ac, const float* b,
 void gemm256(int m, int n, int kk, const float* a, int64_t ar, int64_t ac, const float* b, int64_t ldb, float* c,
              int64_t ldc, bool acc) {
   // Up to 4 rows (a decode step's GQA group) go one at a time against 64 columns, and so do the rows left over
-  // past the 4-row tiles: 8 sums in flight hide the FMA latency, and B is read row by row in address order, which
-  // lets the hardware stream a KV cache block from DRAM where 16 columns at a time read one line in four. (One
-  // core, 16 sequences at 160 keys, caches cycled past the L3: 9 / 3 heads 600-750 -> 400-430 us, 32 / 8 heads
-  // 1.64-1.78 -> 1.10-1.18 ms; in cache unchanged.) Every output is still one FMA chain over p, whatever the
-  // tiling.
+  // past the 4-row tiles: 8 sums in flight hide the FMA latency, and B is read row by row in address order (as
+  // gemm512 reads it), which lets the hardware stream a KV cache block from DRAM where 16 columns at a time read
+  // one line in four. (One core, 16 sequences at 160 keys, caches cycled past the L3: 9 / 3 heads 600-750 ->
+  // 390-470 us, 32 / 8 heads 1.64-1.78 -> 1.10-1.18 ms; in cache unchanged.) Every output is still one FMA chain
+  // over p, whatever the tiling.
   const int full = m <= 4 ? 0 : m / 4 * 4;
   for (int j = 0; j < n; j += 16)
     for (int i = 0; i < full; i += 4) tile256<4>(kk, a + i * ar, ar, ac, b + j, ldb, c + i * ldc + j, ldc, acc);
