@@ -20,14 +20,23 @@
 namespace flashgen::cpu::attn {
 namespace {
 
-// Rows of cache sequence b, kv head h: contiguous (batch_cache, seqlen_cache, kv_heads, d) or paged
-// (num_blocks, block_size, kv_heads, d) through the block table row of b.
+// A cache's pointer and strides, read from the tensor once per call, not in the per-block loop.
 template <typename T>
-Rows<T> cache_rows(const at::Tensor& cache, const int32_t* table, int64_t b, int64_t h) {
-  T* base = cache.data_ptr<T>() + h * cache.stride(2);
-  if (table) return Rows<T>{base, cache.stride(1), table, cache.size(1), cache.stride(0), cache.stride(3)};
-  return Rows<T>{base + b * cache.stride(0), cache.stride(1), nullptr, 1, 0, cache.stride(3)};
-}
+struct CacheView {
+  T* data;
+  int64_t seq_stride, tok_stride, head_stride, col_stride, block_size;
+  explicit CacheView(const at::Tensor& c)
+      : data(c.data_ptr<T>()), seq_stride(c.stride(0)), tok_stride(c.stride(1)), head_stride(c.stride(2)),
+        col_stride(c.stride(3)), block_size(c.size(1)) {}
+
+  // Rows of cache sequence b, kv head h: contiguous (batch_cache, seqlen_cache, kv_heads, d) or paged
+  // (num_blocks, block_size, kv_heads, d) through the block table row of b.
+  Rows<T> rows(const int32_t* table, int64_t b, int64_t h) const {
+    T* base = data + h * head_stride;
+    if (table) return Rows<T>{base, tok_stride, table, block_size, seq_stride, col_stride};
+    return Rows<T>{base + b * seq_stride, tok_stride, nullptr, 1, 0, col_stride};
+  }
+};
 
 // Dense q (batch, seqlen_q, heads, d) with k, v (batch, seqlen_new, kv_heads, d), or packed (varlen) q
 // (tokens, heads, d) with k, v (tokens, kv_heads, d); `batch` sequences.
@@ -117,13 +126,14 @@ void append(const at::Tensor& cache, const at::Tensor& src, const std::vector<Ca
   const int64_t kv_heads = src.size(1), d = src.size(2);
   const T* sp = src.data_ptr<T>();
   const int64_t n = int64_t(seqs.size()), rows_per_seq = src.size(0) / std::max<int64_t>(n, 1);
+  const CacheView<T> view(cache);
   // A decode step appends one row per head: too little to wake a thread for.
   at::parallel_for(0, n * kv_heads, std::max<int64_t>(1, (int64_t{1} << 14) / (rows_per_seq * d + 1)),
                    [&](int64_t begin, int64_t end) {
     for (int64_t i = begin; i < end; ++i) {
       const CacheSeq& s = seqs[i / kv_heads];
       const int64_t h = i % kv_heads;
-      const Rows<T> dst = cache_rows<T>(cache, s.table, s.index, h);
+      const Rows<T> dst = view.rows(s.table, s.index, h);
       for (int64_t t = 0; t < s.n_new; ++t) {
         const T* row = sp + ((s.new_start + t) * kv_heads + h) * d;
         T* to = const_cast<T*>(dst.row(s.cached + t));
@@ -196,6 +206,7 @@ void attend_cache(const at::Tensor& q, const at::Tensor& k_cache, const at::Tens
       append<T>(v_cache, v, seqs);
     }
     const T* qp = q.data_ptr<T>();
+    const CacheView<T> kc(k_cache), vc(v_cache);
     const Simd& isa = simd();
     // A task over a few key blocks is shorter than waking a second thread (short-context decode): give each
     // thread at least kMinKeysPerThread (key, kv head) pairs.
@@ -230,7 +241,7 @@ void attend_cache(const at::Tensor& q, const at::Tensor& k_cache, const at::Tens
         for (int64_t k0 = split * sq.chunk; k0 < k_end; k0 += kBlockK)
           for (int64_t h = h0; h < h1; ++h)
             attend(isa, opt, rows, qf.get() + h * kBlockQ * ld, ld, d, pos.data(), sq.len,
-                   cache_rows<T>(k_cache, sq.table, sq.index, h), cache_rows<T>(v_cache, sq.table, sq.index, h), k0,
+                   kc.rows(sq.table, sq.index, h), vc.rows(sq.table, sq.index, h), k0,
                    std::min(k_end, k0 + kBlockK), kt.get(), vf.get(), s.get(), po.data() + part(h) * ld,
                    pm.data() + part(h), pl.data() + part(h));
       }
