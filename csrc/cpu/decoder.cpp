@@ -154,28 +154,9 @@ struct CpuLinear : torch::CustomClassHolder {
         return quant::ggml::linear_rows(x, m, in, p.w[0], p.param, p.out, y, scratch);
       case kHalf:  // its kernel sums each row on its own
         return quant::half_linear_rows(x, m, in, p.w[0], p.out, y);
-      case kFloat:
-        return float_rows(p, x, m, y);
+      case kFloat:  // as kHalf's: not at::mm, whose summation order depends on the number of rows
+        return quant::float_linear_rows(x, m, in, p.w[0], p.out, y);
     }
-  }
-
-  // The float32 weight products go through at::mm, whose row results depend on the number of rows for small
-  // counts (its small-M kernels sum in another order) but not for multiples of 4 (measured on MKL, 1 and 2
-  // threads; tests/test_serving.py checks it): rows are padded to a multiple of 4 with zeros, so a token's product
-  // does not depend on what else is in the step.
-  void float_rows(const Part& p, const float* x, int64_t m, float* y) const {
-    const int64_t padded = (m + 3) / 4 * 4;
-    const float* xp = x;
-    float* yp = y;
-    std::vector<float> xb, yb;
-    if (padded != m) {
-      xb.assign(padded * in, 0.f), yb.resize(padded * p.out);
-      std::copy_n(x, m * in, xb.data());
-      xp = xb.data(), yp = yb.data();
-    }
-    at::Tensor y_t = at::from_blob(yp, {padded, p.out});
-    at::mm_out(y_t, at::from_blob(const_cast<float*>(xp), {padded, in}), p.w[0].t());
-    if (yp != y) std::copy_n(yp, m * p.out, y);
   }
 };
 using Linear = c10::intrusive_ptr<CpuLinear>;

@@ -119,6 +119,8 @@ void int8_linear_rows(const float* x, int64_t m, int64_t k, const at::Tensor& qw
 // y (m, n) float32 = x (m, k) W^T for a float16 / bfloat16 W (n, k) kept 16-bit (checked by check_half): exact
 // weights, float32 products, each row's sums independent of the other rows (half_kernels.cpp).
 void half_linear_rows(const float* x, int64_t m, int64_t k, const at::Tensor& w, int64_t n, float* y);
+// The same for a contiguous float32 W (n, k).
+void float_linear_rows(const float* x, int64_t m, int64_t k, const at::Tensor& w, int64_t n, float* y);
 void check_half(const char* op, const at::Tensor& w, int64_t k, int64_t n);
 
 }  // namespace flashgen::cpu::quant
