@@ -42,7 +42,7 @@ BENCH_ARGS ?= -r 3
 LLAMACPP := $(VENV)/.llama-cpp-python-installed
 
 $(LLAMACPP): | setup
-	CMAKE_ARGS="-DGGML_NATIVE=ON -DLLAVA_BUILD=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF \
+	CMAKE_ARGS="$$(sh benchmarks/llamacpp_isa.sh) -DLLAVA_BUILD=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF \
 		-DLLAMA_BUILD_TOOLS=OFF -DLLAMA_BUILD_SERVER=OFF" CMAKE_BUILD_PARALLEL_LEVEL=1 MAKEFLAGS=-j1 \
 		$(PY) -m pip install --no-binary llama-cpp-python llama-cpp-python
 	touch $@
