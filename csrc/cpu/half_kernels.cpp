@@ -2,13 +2,13 @@
 // or float32 (float_linear_rows).
 //
 // Every weight is widened exactly to float32 as it is loaded (F16C's vcvtph2ps; a bfloat16 is the top half of a
-// float32) and multiplied by x in float32, so the products are those of the float32 copy of W. float32 weights
-// come here rather than to at::mm, whose BLAS picks its kernels, and so its summation order, by the number of
-// rows and the CPU (rows padded to a multiple of 4 kept a row's result fixed on an AVX2 machine, not on an
-// AVX-512 one). Each output is
-// summed lane-wise over k (L lanes: 16 for AVX-512, 8 for AVX2; a zero-padded step for the k % L tail), then
-// across the lanes in a fixed order: the same operations whatever m, the thread count or the row's place in
-// the step, so a row's result does not depend on the rows beside it (batch invariance).
+// float32; a float32 as it is) and multiplied by x in float32, so the products are those of the float32 copy of
+// W. Each output is summed lane-wise over k (L lanes: 16 for AVX-512, 8 for AVX2; a zero-padded step for the
+// k % L tail), then across the lanes in a fixed order: the same operations whatever m, the thread count or the
+// row's place in the step, so a row's result does not depend on the rows beside it (batch invariance). float32
+// weights come here rather than to at::mm, whose BLAS picks its kernels, and so its summation order, by the
+// number of rows and the CPU (rows padded to a multiple of 4 kept a row's result fixed on an AVX2 machine, not
+// on an AVX-512 one).
 //
 // One kernel call takes R activation rows x C weight rows (AVX-512: 4 x 4 accumulators, AVX2: 4 x 2): the C
 // widened weight vectors serve R rows, each activation vector C weights (a prompt runs at the FMA units' peak).
