@@ -58,15 +58,21 @@ def rounded_activations(x, block=32):
     return ((blocks * inv).round() * (amax / 127)).reshape(m, k)
 
 
-@pytest.mark.parametrize("isa", ["vnni", "avx2"])
-@pytest.mark.parametrize("name", CPU_TYPES)
-def test_linear_matches_float64_product_of_rounded_activations(name, isa, monkeypatch):
+def use_isa(isa, monkeypatch):
+    """Run the CPU kernels of `isa` (amx: the machine's best; vnni: AVX-512 VNNI without AMX; avx2), or skip."""
     from flashgen.kernels import _backend
 
-    if isa == "vnni" and not _backend.C.cpu_features()["avx512_vnni"]:
-        pytest.skip("no AVX-512 VNNI on this machine")
-    if isa == "avx2":
-        monkeypatch.setenv("FLASHGEN_QUANT_ISA", "avx2")
+    feature = {"amx": "amx_int8", "vnni": "avx512_vnni", "avx2": "avx2"}[isa]
+    if not _backend.C.cpu_features()[feature]:
+        pytest.skip(f"no {feature} on this machine")
+    if isa != "amx":
+        monkeypatch.setenv("FLASHGEN_QUANT_ISA", isa)
+
+
+@pytest.mark.parametrize("isa", ["amx", "vnni", "avx2"])
+@pytest.mark.parametrize("name", CPU_TYPES)
+def test_linear_matches_float64_product_of_rounded_activations(name, isa, monkeypatch):
+    use_isa(isa, monkeypatch)
     t = ggml.BLOCK_TYPES[name]
     n, k = 45, 2 * t.block if t.block == 256 else 96
     w = random_weight(name, n, k, seed=2)
@@ -95,13 +101,37 @@ def test_linear_of_one_hot_rows_reads_every_weight(name):
     assert torch.allclose(y.T.double(), w.dequantize(torch.float64), rtol=1e-6, atol=1e-6)
 
 
-@pytest.mark.parametrize("name", ["Q4_K", "Q6_K", "Q3_K", "Q4_0", "Q4_1", "IQ4_NL"])  # each kernel shape
-def test_linear_batch_rows_are_independent(name):
-    """A row's result does not depend on the rows computed beside it (batch invariance)."""
+@pytest.mark.parametrize("isa", ["amx", "vnni", "avx2"])
+@pytest.mark.parametrize("name", CPU_TYPES)
+def test_linear_batch_rows_are_independent(name, isa, monkeypatch):
+    """A row's result does not depend on the rows computed beside it (batch invariance): on an AMX machine many
+    rows take the AMX kernel and one row the VNNI kernel."""
+    use_isa(isa, monkeypatch)
     w = random_weight(name, 33, 512, seed=3)
     x = torch.randn(70, 512)
     alone = torch.cat([ggml_linear(x[i:i + 1], w) for i in range(70)])
     assert torch.equal(ggml_linear(x, w), alone)
+
+
+@pytest.mark.parametrize("name", CPU_TYPES)
+def test_linear_is_the_same_bits_on_every_isa(name, monkeypatch):
+    """Every kernel computes the same integers and the same float operations on them (ggml_kernels.cpp), so the
+    AVX2, VNNI and AMX kernels agree bit for bit, whatever the row count."""
+    from flashgen.kernels import _backend
+
+    features = _backend.C.cpu_features()
+    isas = [isa for isa, f in (("avx2", "avx2"), ("vnni", "avx512_vnni"), ("", "amx_int8")) if features[f]]
+    if len(isas) < 2:
+        pytest.skip("one kernel ISA on this machine")
+    t = ggml.BLOCK_TYPES[name]
+    w = random_weight(name, 41, 3 * t.block if t.block == 256 else 160, seed=8)
+    x = torch.randn(45, w.in_features) * torch.rand(45, 1) * 10  # rows of different scales
+    got = {}
+    for isa in isas:
+        monkeypatch.setenv("FLASHGEN_QUANT_ISA", isa)
+        got[isa] = ggml_linear(x, w)
+    for isa in isas[1:]:
+        assert torch.equal(got[isa], got[isas[0]]), f"{name}: {isa or 'amx'} differs from {isas[0]}"
 
 
 def test_linear_gradient_and_opcheck():

@@ -6,7 +6,7 @@ from flashgen.kernels import _backend, ops
 
 def test_extension_reports_cpu_features():
     feats = flashgen.kernels._backend.C.cpu_features()
-    assert set(feats) == {"avx2", "avx512", "avx512_vnni", "avx512_bf16"}
+    assert set(feats) == {"avx2", "avx512", "avx512_vnni", "avx512_bf16", "amx_int8"}
     assert feats["avx2"], "flashgen is built for x86-64-v3 (AVX2) or newer"
 
 

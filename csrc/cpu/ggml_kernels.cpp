@@ -2,19 +2,24 @@
 //
 // Activations are rounded to int8 per super-block of S features, as llama.cpp rounds them for K-quants (Q8_K) and
 // per 32 for the others (Q8_0): x' = d_a a, with is_j the integer sum of a over sub-block j. Per super-block,
-// tile row n and activation row r:
-//   y[r, n] += d[n] d_a * (sum_j sc[n, j] * (dot_j(a, q[n]) - zero * is_j)) - dmin[n] d_a * sum_j mn[n, j] is_j
-// The AVX2 kernel keeps the whole bracket in int32: maddubs of unsigned codes by signed activations (int16 pair
-// sums added in int16 for as many groups as the code width allows), then madd by the sub-block scales, and the
-// zero and min terms as one madd per pair of sub-blocks against the activation sums; the float work is once
-// per super-block. The VNNI kernel scales each sub-block's vpdpbusd sums in float32. A tile-block's codes are
-// unpacked once per call (VNNI: into 8 vectors of 4 features x 16 rows; AVX2: one group of 4 features x 8 rows
-// at a time, as it is used, which keeps every row's int16 sums in registers) and serve the call's R activation
-// rows (AVX2, 2048 x 2048 Q6_K at 4 / 16 rows: 0.55 -> 0.38 / 2.1 -> 1.2-1.5 ms on one core; 1B Q4_K_M prefill
-// 1.34x -> 1.53-1.55x llama.cpp's, decode 1.06x -> 1.02-1.13x, within this VM's noise).
-// 4-bit blocks of 32 go through tile32_vnni (Q4_0, Q4_1, IQ4_NL), shaped as int4's kernel. On AVX2, 4-bit codes in
-// sub-blocks of 32 (Q4_0, Q4_1, Q4_K) go through tile4_avx2, whose one pass covers both halves of a tile.
+// tile row n and activation row r, every kernel computes the bracket I and the min term M exactly,
+//   I = sum_j sc[n, j] * (dot_j(a, q[n]) - zero * is_j) (int32),   M = sum_j mn[n, j] is_j,
+// and then the same float operations, y[r, n] = fma(d[n] d_a, I, y) - dmin[n] d_a M (finish512, finish_half),
+// so the AVX2, VNNI and AMX kernels give the same bits, and a row's result never depends on which ran it.
+// - AVX2: maddubs of unsigned codes by signed activations (int16 pair sums added in int16 for as many groups as
+//   the code width allows), then madd by the sub-block scales, and the zero and min terms as one madd per pair of
+//   sub-blocks against the activation sums. A tile's codes are unpacked one group of 4 features x 8 rows at a time,
+//   as used, which keeps every row's int16 sums in registers (2048 x 2048 Q6_K at 4 / 16 rows: 0.55 -> 0.38 /
+//   2.1 -> 1.2-1.5 ms on one core). On AVX2, 4-bit codes in sub-blocks of 32 (Q4_0, Q4_1, Q4_K) go through
+//   tile4_avx2, whose one pass covers both halves of a tile.
+// - VNNI: vpdpbusd per sub-block, scaled with vpmulld. A tile-block's codes are unpacked once per call into 8
+//   vectors of 4 features x 16 rows and serve the call's R rows. 4-bit blocks of 32 (Q4_0, Q4_1, IQ4_NL) go
+//   through tile32_vnni, shaped as int4's kernel.
+// - AMX (prompts: at least kAmxMinRows rows): tile products over whole super-blocks, the scales split into digits
+//   (tile_amx).
 #include <immintrin.h>
+
+#include <vector>
 
 #include "cpu/cpu_features.h"
 #include "cpu/ggml.h"
@@ -26,6 +31,9 @@ namespace flashgen::cpu::quant::ggml {
 namespace {
 
 constexpr int kVnniRows = 4, kVnniTiles = 2, kAvx2Rows = 4, kTile4Rows = 5;
+// Fewer rows go through the VNNI kernels (2 threads, 2048 x 2048, GMAC/s VNNI / AMX: Q4_K 16 rows 207 / 196, 24 rows
+// 215 / 264; Q6_K 108 / 112, 123 / 168).
+constexpr int64_t kAmxMinRows = 24;
 
 // ---------------------------------------------------------------- AVX-512 VNNI
 // Codes of a tile-block: q[g] holds features 4g .. 4g + 3 of the 16 rows.
@@ -73,21 +81,56 @@ FLASHGEN_AVX512_VNNI inline __m512 halfx16(const uint8_t* p) {
 
 // The IQ4 table as unsigned bytes (value + 128) in every 128-bit lane, for vpshufb: its zero is then 128.
 inline constexpr int kLutZero = 128;
+FLASHGEN_AVX512_VNNI inline __m512i iq4_lut() {
+  alignas(64) uint8_t bytes[64];
+  for (int i = 0; i < 64; ++i) bytes[i] = static_cast<uint8_t>(kIq4Values[i % 16] + kLutZero);
+  return _mm512_load_si512(bytes);
+}
+
+// Sub-block j's scales of the tile's 16 rows as int32 (1 where the type has none).
+template <int KI>
+FLASHGEN_AVX512_VNNI inline __m512i sub_scale(const uint8_t* p, int j) {
+  constexpr Kind kd = kKinds[KI];
+  if constexpr (!kd.scales) return _mm512_set1_epi32(1);
+  const __m128i raw = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p + kd.sc_offset() + j * kTileRows));
+  if constexpr (kd.nibble_scales) return _mm512_and_si512(_mm512_cvtepu8_epi32(raw), _mm512_set1_epi32(0xF));
+  return _mm512_cvtepi8_epi32(raw);
+}
+
+// Sub-block j's mins of the tile's 16 rows as floats (1 where the type's min is a float per block).
+template <int KI>
+FLASHGEN_AVX512_VNNI inline __m512 sub_min(const uint8_t* p, int j) {
+  constexpr Kind kd = kKinds[KI];
+  if constexpr (!kd.mn_plane()) return _mm512_set1_ps(1.f);
+  if constexpr (kd.nibble_scales)
+    return _mm512_cvtepi32_ps(_mm512_srli_epi32(
+        _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p + kd.sc_offset() + j * kTileRows))), 4));
+  return uint8x16(p + kd.mn_offset() + j * kTileRows);
+}
+
+// The float work of a super-block, shared by the VNNI and AMX kernels and the AVX2 one's finish_half: with the
+// bracket I = sum_j sc_j (dot_j - zero is_j) exact in int32 and the min term M = sum_j mn_j is_j (exact in float32:
+// |M| < 2^24), acc = fma(d d_a, I, acc) - dmin d_a M.
+template <int KI>
+FLASHGEN_AVX512_VNNI inline __m512 finish512(__m512 acc, __m512i bracket, __m512 d, __m512 dmin, float da, __m512 m) {
+  acc = _mm512_fmadd_ps(_mm512_mul_ps(d, _mm512_set1_ps(da)), _mm512_cvtepi32_ps(bracket), acc);
+  if constexpr (kKinds[KI].mins) acc = _mm512_fnmadd_ps(_mm512_mul_ps(dmin, _mm512_set1_ps(da)), m, acc);
+  return acc;
+}
 
 template <int KI, int R>
 FLASHGEN_AVX512_VNNI void tile_vnni(const QuantActs& x, const uint8_t* w, int64_t sbs, float* out, int64_t ldo) {
   constexpr Kind kd = kKinds[KI];
   constexpr int nb = kd.super / kBlock, halves = kBlock / kd.sub, gps = kd.sub / 4, subs = kd.super / kd.sub;
   constexpr int zero = kd.lut ? kLutZero : kd.zero;
-  alignas(16) uint8_t lut_bytes[16];
-  for (int i = 0; i < 16; ++i) lut_bytes[i] = static_cast<uint8_t>(kIq4Values[i] + kLutZero);
-  const __m512i lut = _mm512_broadcast_i32x4(_mm_load_si128(reinterpret_cast<const __m128i*>(lut_bytes)));
+  const __m512i lut = iq4_lut();
   __m512 acc[R];
   for (int r = 0; r < R; ++r) acc[r] = _mm512_setzero_ps();
   for (int64_t s = 0; s < sbs; ++s) {
     const uint8_t* p = w + s * kd.tile_bytes();
-    __m512 sacc[R], macc[R];
-    for (int r = 0; r < R; ++r) sacc[r] = _mm512_setzero_ps(), macc[r] = _mm512_setzero_ps();
+    __m512i iacc[R];
+    __m512 macc[R];
+    for (int r = 0; r < R; ++r) iacc[r] = _mm512_setzero_si512(), macc[r] = _mm512_setzero_ps();
     for (int b = 0; b < nb; ++b) {
       __m512i q[8];
       unpack512<KI>(p + b * kd.code_bytes(), q);
@@ -96,33 +139,22 @@ FLASHGEN_AVX512_VNNI void tile_vnni(const QuantActs& x, const uint8_t* w, int64_
       const int64_t blk = s * nb + b;
       for (int h = 0; h < halves; ++h) {
         const int j = b * halves + h;
-        __m512 scf = _mm512_setzero_ps(), mnf = _mm512_setzero_ps();
-        if constexpr (kd.nibble_scales) {
-          const __m512i raw = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p + kd.sc_offset() + j * kTileRows)));
-          scf = _mm512_cvtepi32_ps(_mm512_and_si512(raw, _mm512_set1_epi32(0xF)));
-          mnf = _mm512_cvtepi32_ps(_mm512_srli_epi32(raw, 4));
-        } else {
-          if constexpr (kd.scales) scf = int8x16(p + kd.sc_offset() + j * kTileRows);
-          if constexpr (kd.mins) mnf = kd.mn_plane() ? uint8x16(p + kd.mn_offset() + j * kTileRows) : _mm512_set1_ps(1.f);
-        }
+        const __m512i sc = sub_scale<KI>(p, j);
+        const __m512 mnf = sub_min<KI>(p, j);
         for (int r = 0; r < R; ++r) {
           const int8_t* a = x.a + r * x.a_stride + blk * kBlock;
           __m512i id = _mm512_setzero_si512();
           for (int g = h * gps; g < (h + 1) * gps; ++g) id = _mm512_dpbusd_epi32(id, q[g], _mm512_set1_epi32(load4(a + 4 * g)));
-          const float is = x.isum[r * x.isum_stride + s * subs + j];
-          const __m512 t = zero ? _mm512_sub_ps(_mm512_cvtepi32_ps(id), _mm512_set1_ps(zero * is)) : _mm512_cvtepi32_ps(id);
-          sacc[r] = kd.scales ? _mm512_fmadd_ps(t, scf, sacc[r]) : _mm512_add_ps(t, sacc[r]);
-          if constexpr (kd.mins) macc[r] = _mm512_fmadd_ps(mnf, _mm512_set1_ps(is), macc[r]);
+          const int64_t at = r * x.isum_stride + s * subs + j;
+          if constexpr (zero != 0) id = _mm512_sub_epi32(id, _mm512_set1_epi32(zero * x.isum[at]));
+          iacc[r] = _mm512_add_epi32(iacc[r], kd.scales ? _mm512_mullo_epi32(id, sc) : id);
+          if constexpr (kd.mins) macc[r] = _mm512_fmadd_ps(mnf, _mm512_set1_ps(x.fsum[at]), macc[r]);
         }
       }
     }
     const __m512 d = halfx16(p + kd.d_offset());
     const __m512 dmin = kd.mins ? halfx16(p + kd.dmin_offset()) : _mm512_setzero_ps();
-    for (int r = 0; r < R; ++r) {
-      const __m512 da = _mm512_set1_ps(x.d[r * x.d_stride + s]);
-      acc[r] = _mm512_fmadd_ps(_mm512_mul_ps(d, da), sacc[r], acc[r]);
-      if constexpr (kd.mins) acc[r] = _mm512_fnmadd_ps(_mm512_mul_ps(dmin, da), macc[r], acc[r]);
-    }
+    for (int r = 0; r < R; ++r) acc[r] = finish512<KI>(acc[r], iacc[r], d, dmin, x.d[r * x.d_stride + s], macc[r]);
   }
   for (int r = 0; r < R; ++r) _mm512_storeu_ps(out + r * ldo, acc[r]);
 }
@@ -137,9 +169,7 @@ FLASHGEN_AVX512_VNNI void tile32_vnni(const QuantActs& x, const uint8_t* w, int6
                                       int64_t ldo) {
   constexpr Kind kd = kKinds[KI];
   constexpr int zero = kd.lut ? kLutZero : kd.zero;
-  alignas(16) uint8_t lut_bytes[16];
-  for (int i = 0; i < 16; ++i) lut_bytes[i] = static_cast<uint8_t>(kIq4Values[i] + kLutZero);
-  const __m512i lut = _mm512_broadcast_i32x4(_mm_load_si128(reinterpret_cast<const __m128i*>(lut_bytes)));
+  const __m512i lut = iq4_lut();
   const __m512i low = _mm512_set1_epi8(0x0F);
   __m512 acc[C][R];
   for (int c = 0; c < C; ++c)
@@ -163,20 +193,160 @@ FLASHGEN_AVX512_VNNI void tile32_vnni(const QuantActs& x, const uint8_t* w, int6
       }
     }
     for (int r = 0; r < R; ++r) {
-      const float is = x.isum[r * x.isum_stride + s];
-      const __m512 da = _mm512_set1_ps(x.d[r * x.d_stride + s]);
+      const int64_t at = r * x.isum_stride + s;
       for (int c = 0; c < C; ++c) {
         const uint8_t* p = w + c * w_stride + s * kd.tile_bytes();
-        const __m512 t = zero ? _mm512_sub_ps(_mm512_cvtepi32_ps(id[c][r]), _mm512_set1_ps(zero * is))
-                              : _mm512_cvtepi32_ps(id[c][r]);
-        acc[c][r] = _mm512_fmadd_ps(_mm512_mul_ps(halfx16(p + kd.d_offset()), da), t, acc[c][r]);
-        if constexpr (kd.mins)
-          acc[c][r] = _mm512_fnmadd_ps(_mm512_mul_ps(halfx16(p + kd.dmin_offset()), da), _mm512_set1_ps(is), acc[c][r]);
+        const __m512i bracket = zero ? _mm512_sub_epi32(id[c][r], _mm512_set1_epi32(zero * x.isum[at])) : id[c][r];
+        acc[c][r] = finish512<KI>(acc[c][r], bracket, halfx16(p + kd.d_offset()),
+                                  kd.mins ? halfx16(p + kd.dmin_offset()) : _mm512_setzero_ps(), x.d[r * x.d_stride + s],
+                                  _mm512_set1_ps(x.fsum[at]));
       }
     }
   }
   for (int c = 0; c < C; ++c)
     for (int r = 0; r < R; ++r) _mm512_storeu_ps(out + r * ldo + c * kTileRows, acc[c][r]);
+}
+
+// ---------------------------------------------------------------- AMX
+// A super-block's bracket I = sum_j sc_j (dot_j(a, q) - zero is_j) in a few tile products over the whole super-
+// block, not one per sub-block: each tile product must be stored to memory to be read, and that store costs as
+// much as the product. The scales are split into digits of `bits` bits, sc = sum_t digit_t 2^(t bits) (the top
+// digit signed), and digit plane t holds (q - zero) times its sub-block's digit t, which fits int8 (AmxDigits);
+// tdpbssd sums a (q - zero) digit_t over the super-block into C_t, and I = sum_t C_t 2^(t bits), exact. The float
+// work on I is then finish512's, so a row's result is the same bits whichever kernel ran it. A call makes its
+// tile's digit planes once, into a buffer of the thread, for all its rows (up to kRowChunk); the thread's tile
+// state is set at each call, as other code (oneDNN) may have set its own.
+// Measured (2048 x 8192, 512 rows, 2 threads, GMAC/s, VNNI -> AMX): Q4_K 268 -> 459, Q6_K 126 -> 311, Q5_K 228 ->
+// 327, Q3_K 121 -> 485, Q2_K 110 -> 472, Q5_0 229 -> 379. A product per sub-block, each stored and scaled as the
+// VNNI kernel does, gave Q4_K 330 and Q6_K 203, and lost to tile32_vnni on Q4_0 / Q4_1, which stay there.
+struct AmxDigits {
+  int bits, count;  // count 0: no AMX kernel
+};
+template <int KI>
+constexpr AmxDigits amx_digits() {
+  constexpr Kind kd = kKinds[KI];
+  if (kd.lut) return {0, 0};  // table values reach 127: no digit but 1 fits (IQ4_XS; IQ4_NL goes to tile32_vnni)
+  if (!kd.scales) return {0, 1};
+  switch (kd.type) {  // |q - zero| x the largest digit <= 127
+    case kQ2_K: return {4, 1};  // 3 x 15, scales 0 .. 15
+    case kQ3_K: return {4, 2};  // 4 x 15, scales -32 .. 31
+    case kQ4_K: return {3, 2};  // 15 x 7, scales 0 .. 63
+    case kQ5_K: return {2, 3};  // 31 x 3, scales 0 .. 63
+    case kQ6_K: return {2, 4};  // 32 x 3, scales -128 .. 127
+    default: return {0, 0};
+  }
+}
+
+struct TileConfig {
+  uint8_t palette = 1, start_row = 0, reserved[14] = {};
+  uint16_t colsb[16] = {};
+  uint8_t rows[16] = {};
+};
+
+// Tiles: 0 the activations (A), 1 a digit plane (B), 2 + t the sums of digit t (C_t). The tile instructions
+// name their tiles in the instruction itself, hence a switch on t (folded away in the unrolled loops over t).
+FLASHGEN_AMX_INT8 inline void sums_zero(int t) {
+  switch (t) {
+    case 0: _tile_zero(2); break;
+    case 1: _tile_zero(3); break;
+    case 2: _tile_zero(4); break;
+    default: _tile_zero(5);
+  }
+}
+FLASHGEN_AMX_INT8 inline void sums_add(int t, const void* plane) {
+  _tile_loadd(1, plane, 64);
+  switch (t) {
+    case 0: _tile_dpbssd(2, 0, 1); break;
+    case 1: _tile_dpbssd(3, 0, 1); break;
+    case 2: _tile_dpbssd(4, 0, 1); break;
+    default: _tile_dpbssd(5, 0, 1);
+  }
+}
+FLASHGEN_AMX_INT8 inline void sums_store(int t, int32_t* c) {
+  switch (t) {
+    case 0: _tile_stored(2, c, 64); break;
+    case 1: _tile_stored(3, c, 64); break;
+    case 2: _tile_stored(4, c, 64); break;
+    default: _tile_stored(5, c, 64);
+  }
+}
+
+// Signed bytes v times one small signed factor per 32-bit lane (held in both of its 16-bit halves); the products
+// fit a byte.
+FLASHGEN_AVX512_VNNI inline __m512i times_digit(__m512i v, __m512i digit) {
+  const __m512i even = _mm512_mullo_epi16(_mm512_srai_epi16(_mm512_slli_epi16(v, 8), 8), digit);
+  const __m512i odd = _mm512_mullo_epi16(_mm512_srai_epi16(v, 8), digit);
+  return _mm512_mask_blend_epi8(__mmask64(0xAAAAAAAAAAAAAAAAull), even, _mm512_slli_epi16(odd, 8));
+}
+
+// Digit t of sub-block j's scales of the tile's 16 rows, in both 16-bit halves of each row's lane.
+template <int KI>
+FLASHGEN_AVX512_VNNI inline __m512i scale_digit(const uint8_t* p, int j, int t) {
+  constexpr AmxDigits dg = amx_digits<KI>();
+  __m512i digit = _mm512_srai_epi32(sub_scale<KI>(p, j), t * dg.bits);
+  if (t + 1 < dg.count) digit = _mm512_and_si512(digit, _mm512_set1_epi32((1 << dg.bits) - 1));
+  return _mm512_or_si512(_mm512_and_si512(digit, _mm512_set1_epi32(0xFFFF)), _mm512_slli_epi32(digit, 16));
+}
+
+template <int KI>
+FLASHGEN_AMX_INT8 void tile_amx(const QuantActs& x, int rows, const uint8_t* w, int64_t sbs, float* out, int64_t ldo) {
+  constexpr Kind kd = kKinds[KI];
+  constexpr AmxDigits dg = amx_digits<KI>();
+  constexpr int nb = kd.super / kBlock, subs = kd.super / kd.sub;
+  constexpr int step = kd.super < 64 ? kd.super : 64;  // features per tile product
+  struct alignas(64) Line {
+    uint8_t bytes[64];
+  };
+  thread_local std::vector<Line> planes;
+  const int64_t lines = sbs * nb * 8;  // per digit plane: 4 features x 16 rows per line
+  if (planes.size() < static_cast<size_t>(lines * dg.count)) planes.resize(lines * dg.count);
+  for (int64_t blk = 0; blk < sbs * nb; ++blk) {
+    const uint8_t* p = w + blk / nb * kd.tile_bytes();
+    __m512i q[8];
+    unpack512<KI>(p + blk % nb * kd.code_bytes(), q);
+    for (int g = 0; g < 8; ++g) {
+      const __m512i v = _mm512_sub_epi8(q[g], _mm512_set1_epi8(static_cast<char>(kd.zero)));
+      const int j = static_cast<int>((blk % nb * kBlock + 4 * g) / kd.sub);
+      for (int t = 0; t < dg.count; ++t)
+        _mm512_store_si512(planes.data() + t * lines + blk * 8 + g, kd.scales ? times_digit(v, scale_digit<KI>(p, j, t)) : v);
+    }
+  }
+  alignas(64) int32_t c[4][kTileRows * kTileRows];
+  __m512 acc[kTileRows];
+  for (int r0 = 0; r0 < rows; r0 += kTileRows) {
+    const int rg = std::min<int>(kTileRows, rows - r0);
+    const QuantActs xr = offset(x, r0);
+    TileConfig cfg;
+    cfg.rows[0] = rg, cfg.colsb[0] = step;
+    cfg.rows[1] = step / 4, cfg.colsb[1] = 64;
+    for (int t = 0; t < dg.count; ++t) cfg.rows[2 + t] = rg, cfg.colsb[2 + t] = 64;
+    _tile_loadconfig(&cfg);
+    for (int r = 0; r < rg; ++r) acc[r] = _mm512_setzero_ps();
+    for (int64_t s = 0; s < sbs; ++s) {
+      for (int t = 0; t < dg.count; ++t) sums_zero(t);
+      for (int u = 0; u < kd.super / step; ++u) {
+        _tile_loadd(0, xr.a + s * kd.super + u * step, xr.a_stride);
+        const int64_t line = (s * nb + u * step / kBlock) * 8;
+        for (int t = 0; t < dg.count; ++t) sums_add(t, planes.data() + t * lines + line);
+      }
+      for (int t = 0; t < dg.count; ++t) sums_store(t, c[t]);
+      const uint8_t* p = w + s * kd.tile_bytes();
+      const __m512 d = halfx16(p + kd.d_offset());
+      const __m512 dmin = kd.mins ? halfx16(p + kd.dmin_offset()) : _mm512_setzero_ps();
+      __m512 mnf[subs];
+      for (int j = 0; j < subs; ++j) mnf[j] = sub_min<KI>(p, j);
+      for (int r = 0; r < rg; ++r) {
+        __m512i bracket = _mm512_load_si512(c[0] + r * kTileRows);
+        for (int t = 1; t < dg.count; ++t)
+          bracket = _mm512_add_epi32(bracket, _mm512_slli_epi32(_mm512_load_si512(c[t] + r * kTileRows), t * dg.bits));
+        __m512 m = _mm512_setzero_ps();
+        if constexpr (kd.mins)
+          for (int j = 0; j < subs; ++j) m = _mm512_fmadd_ps(mnf[j], _mm512_set1_ps(xr.fsum[r * xr.isum_stride + s * subs + j]), m);
+        acc[r] = finish512<KI>(acc[r], bracket, d, dmin, xr.d[r * xr.d_stride + s], m);
+      }
+    }
+    for (int r = 0; r < rg; ++r) _mm512_storeu_ps(out + (r0 + r) * ldo, acc[r]);
+  }
 }
 
 // ---------------------------------------------------------------- AVX2 (each 256-bit half: 8 rows)
@@ -407,10 +577,13 @@ void tile4_avx2(const QuantActs& x, const uint8_t* w, int64_t sbs, float* out, i
 
 }  // namespace
 
+enum class Isa { kAvx2, kVnni, kAmx };
+
 template <int KI>
-void gemm(const QuantActs& x, int64_t m, const uint8_t* w, int64_t n, int64_t k, float* out, bool vnni) {
+void gemm(const QuantActs& x, int64_t m, const uint8_t* w, int64_t n, int64_t k, float* out, Isa isa) {
   constexpr Kind kd = kKinds[KI];
   const int64_t sbs = k / kd.super, stride = sbs * kd.tile_bytes();
+  const bool vnni = isa != Isa::kAvx2;
   if constexpr (kd.super == kBlock && kd.lo_bits == 4 && kd.hi_bits == 0 && !kd.scales) {
     auto tile = [&](int64_t t, auto NT, const QuantActs& xr, auto R, float* dst, int64_t ldo) {
       tile32_vnni<KI, R(), NT()>(xr, w + t * stride, stride, sbs, dst, ldo);
@@ -422,6 +595,11 @@ void gemm(const QuantActs& x, int64_t m, const uint8_t* w, int64_t n, int64_t k,
     // time faster for decode.) The sums of each tile are the same either way, so results are too.
     if (vnni) return run_tiles<kVnniRows, kVnniTiles>(x, m, n, k / kBlock, out, tile);
   }
+  if (amx_digits<KI>().count && isa == Isa::kAmx && m >= kAmxMinRows)
+    return run_tiles<kRowChunk, 1>(x, m, n, k / kBlock, out, [&](int64_t t, auto, const QuantActs& xr, int rows,
+                                                                  float* dst, int64_t ldo) {
+      tile_amx<KI>(xr, rows, w + t * stride, sbs, dst, ldo);
+    });
   // Codes with high-bit planes and sub-block scales but no mins (Q3_K, Q6_K): their unpacking costs most and the
   // registers hold 8 rows, so each tile-block serves 8 (4096 x 4096 x 128 rows: Q6_K 18.0 -> 16.3 ms, Q3_K 17.3 ->
   // 16.0; for the other types 8 rows were no faster).
@@ -452,6 +630,7 @@ void linear_rows(const float* x, int64_t m, int64_t k, const at::Tensor& packed,
   const int64_t sbs = k / kd.super, subs = k / kd.sub;
   QuantActs acts = quantize_acts_into(x, m, k, kd.super, sbs, false, 0, scratch.a(m, k), scratch.d(m * sbs), nullptr);
   int16_t* is = scratch.isum(m * subs);
+  float* fs = scratch.fsum(m * subs);
   at::parallel_for(0, m, std::max<int64_t>(1, (int64_t{1} << 16) / k), [&](int64_t r0, int64_t r1) {
     for (int64_t r = r0; r < r1; ++r)  // |is| <= 32 * 127
       for (int64_t j = 0; j < subs; ++j) {
@@ -459,10 +638,12 @@ void linear_rows(const float* x, int64_t m, int64_t k, const at::Tensor& packed,
         int32_t sum = 0;
         for (int e = 0; e < kd.sub; ++e) sum += a[e];
         is[r * subs + j] = static_cast<int16_t>(sum);
+        fs[r * subs + j] = static_cast<float>(sum);
       }
   });
-  acts.isum = is, acts.isum_stride = subs;
-  with_kind(type, [&](auto KI) { gemm<KI()>(acts, m, packed.data_ptr<uint8_t>(), n, k, y, use_vnni()); });
+  acts.isum = is, acts.fsum = fs, acts.isum_stride = subs;
+  const Isa isa = use_amx() ? Isa::kAmx : use_vnni() ? Isa::kVnni : Isa::kAvx2;
+  with_kind(type, [&](auto KI) { gemm<KI()>(acts, m, packed.data_ptr<uint8_t>(), n, k, y, isa); });
 }
 
 }  // namespace flashgen::cpu::quant::ggml

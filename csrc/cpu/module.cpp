@@ -13,7 +13,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
     return std::map<std::string, bool>{{"avx2", has_avx2()},
                                        {"avx512", has_avx512()},
                                        {"avx512_vnni", has_avx512_vnni()},
-                                       {"avx512_bf16", has_avx512_bf16()}};
+                                       {"avx512_bf16", has_avx512_bf16()},
+                                       {"amx_int8", has_amx_int8()}};
   });
   m.def("omp_max_threads", [] { return omp_get_max_threads(); });
   // The CPU layout's bytes per (16-row tile, super-block) of a GGML type (the prepack op's fake shapes).

@@ -39,14 +39,16 @@ inline int64_t blocks(int64_t k) { return (k + kBlock - 1) / kBlock; }
 // Activations quantized to int8 per block of 32 features (blocks past K zero-padded), or per GGML super-block:
 // a (M, Kb*32) int8, d (M, K / block) float32 block scales (x ~= d * a); for int4 also xsum (M, K/g), the sum of
 // d * a over each weight group (for the offset term m * sum x); for GGML types isum (M, K / sub), the integer
-// sums of a over each sub-block (the zero and min terms).
+// sums of a over each sub-block (the zero and min terms), and the same sums as float32 in fsum (exact: |isum| <=
+// 32 * 127), converted once per call rather than once per tile.
 struct QuantActs {
   const int8_t* a;
   const float* d;
   const float* xsum;
   int64_t a_stride, d_stride, xsum_stride;
   const int16_t* isum = nullptr;
-  int64_t isum_stride = 0;
+  const float* fsum = nullptr;
+  int64_t isum_stride = 0;  // of isum and fsum
 };
 
 // Rows of float32 activations x (m, k) quantized into caller buffers a (m, Kb*32), d (m, d_cols) and, for
@@ -66,6 +68,7 @@ template <class S>
 void int8_gemm(const QuantActs& x, int64_t m, const int8_t* w, const S* scales, int64_t scale_blocks, int64_t n,
                int64_t kb, bool whole_row, float* out, bool vnni);
 bool use_vnni();  // AVX-512 VNNI present and not disabled by FLASHGEN_QUANT_ISA=avx2
+bool use_amx();  // AMX int8 present and not disabled by FLASHGEN_QUANT_ISA=avx2 or vnni
 bool use_avx512();  // AVX-512 present and not disabled so
 
 // Input checks shared by the ops and the decoder step (TORCH_CHECK with `op` in the message); k, n are the
@@ -92,6 +95,7 @@ class ActScratch {
   int8_t* a(int64_t m, int64_t k) { return grow(a_, m * blocks(k) * kBlock); }
   float* d(int64_t count) { return grow(d_, count); }
   float* xsum(int64_t count) { return grow(xsum_, count); }
+  float* fsum(int64_t count) { return grow(fsum_, count); }
   int16_t* isum(int64_t count) { return grow(isum_, count); }
 
  private:
@@ -101,7 +105,7 @@ class ActScratch {
     return v.data();
   }
   std::vector<int8_t> a_;
-  std::vector<float> d_, xsum_;
+  std::vector<float> d_, xsum_, fsum_;
   std::vector<int16_t> isum_;
 };
 

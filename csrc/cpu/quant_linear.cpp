@@ -32,13 +32,15 @@
 
 namespace flashgen::cpu::quant {
 
-// FLASHGEN_QUANT_ISA=avx2 forces the AVX2 kernels on an AVX-512 machine (tests cover both paths).
-static bool avx2_forced() {
+// FLASHGEN_QUANT_ISA=avx2 forces the AVX2 kernels on an AVX-512 machine, =vnni the AVX-512 ones on an AMX machine
+// (tests cover every path).
+static bool isa_forced(const char* name) {
   const char* isa = std::getenv("FLASHGEN_QUANT_ISA");
-  return isa && std::strcmp(isa, "avx2") == 0;
+  return isa && std::strcmp(isa, name) == 0;
 }
-bool use_vnni() { return has_avx512_vnni() && !avx2_forced(); }
-bool use_avx512() { return has_avx512() && !avx2_forced(); }
+bool use_vnni() { return has_avx512_vnni() && !isa_forced("avx2"); }
+bool use_amx() { return has_amx_int8() && !isa_forced("avx2") && !isa_forced("vnni"); }
+bool use_avx512() { return has_avx512() && !isa_forced("avx2"); }
 
 namespace {
 

@@ -57,8 +57,13 @@ inline QuantActs offset(const QuantActs& x, int64_t row) {
   y.d += row * x.d_stride;
   if (x.xsum) y.xsum += row * x.xsum_stride;
   if (x.isum) y.isum += row * x.isum_stride;
+  if (x.fsum) y.fsum += row * x.isum_stride;
   return y;
 }
+
+// Kernels of more rows per call than this take the row count as an int (AMX, whose rows are tile rows, not
+// registers); the others as a compile-time constant.
+constexpr int kStaticRows = 16;
 
 // Tiles [t0, t1) (output features) for rows [m0, m1), C at a time (t0 a multiple of C): tile(t, NT, x_rows, R,
 // dst, ld) writes the R x 16 NT outputs of tiles t .. t + NT - 1 to dst with row stride ld (NT < C only at the
@@ -74,14 +79,16 @@ void tile_span(const QuantActs& x, int64_t m0, int64_t m1, int64_t t0, int64_t t
       const int rows = static_cast<int>(std::min<int64_t>(MaxR, m1 - r0));
       float* dst = out + r0 * n + t * kTileRows;
       with_rows<C>(nt, [&](auto NT) {
-        with_rows<MaxR>(rows, [&](auto R) {
+        auto run = [&](auto R) {
           if (cols == NT * kTileRows) {  // whole tiles: straight into the output rows
             tile(t, NT, offset(x, r0), R, dst, n);
             return;
           }
           tile(t, NT, offset(x, r0), R, buf, NT * kTileRows);
           for (int r = 0; r < rows; ++r) std::memcpy(dst + r * n, buf + r * NT * kTileRows, cols * sizeof(float));
-        });
+        };
+        if constexpr (MaxR > kStaticRows) run(rows);
+        else with_rows<MaxR>(rows, run);
       });
     }
   }
