@@ -16,16 +16,16 @@
 //   vectors of 4 features x 16 rows and serve the call's R rows. 4-bit blocks of 32 (Q4_0, Q4_1, IQ4_NL) go
 //   through tile32_vnni, shaped as int4's kernel.
 // - AMX (prompts: at least kAmxMinRows rows): tile products over whole super-blocks, the scales split into digits
-//   (tile_amx).
+//   (ggml_amx.cpp).
+// GCC 12 warns inside its own avx512fintrin.h (intrinsics that start from a deliberately undefined vector); the
+// warning is attributed to the header, so it is silenced first.
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
 #include <immintrin.h>
-
-#include <vector>
 
 #include "cpu/cpu_features.h"
 #include "cpu/ggml.h"
+#include "cpu/ggml_avx512.h"
 #include "cpu/tile_driver.h"
-
-#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
 
 namespace flashgen::cpu::quant::ggml {
 namespace {
@@ -36,88 +36,6 @@ constexpr int kVnniRows = 4, kVnniTiles = 2, kAvx2Rows = 4, kTile4Rows = 5;
 constexpr int64_t kAmxMinRows = 24;
 
 // ---------------------------------------------------------------- AVX-512 VNNI
-// Codes of a tile-block: q[g] holds features 4g .. 4g + 3 of the 16 rows.
-template <int KI>
-FLASHGEN_AVX512_VNNI inline void unpack512(const uint8_t* c, __m512i q[8]) {
-  constexpr Kind kd = kKinds[KI];
-  if constexpr (kd.lo_bits == 4) {
-    const __m512i m4 = _mm512_set1_epi8(0x0F);
-    for (int v = 0; v < 4; ++v) {
-      const __m512i raw = _mm512_loadu_si512(c + v * 64);
-      q[2 * v] = _mm512_and_si512(raw, m4), q[2 * v + 1] = _mm512_and_si512(_mm512_srli_epi16(raw, 4), m4);
-    }
-  } else {
-    const __m512i m2 = _mm512_set1_epi8(0x03);
-    for (int v = 0; v < 2; ++v) {
-      const __m512i raw = _mm512_loadu_si512(c + v * 64);
-      for (int s = 0; s < 4; ++s) q[4 * v + s] = _mm512_and_si512(_mm512_srli_epi16(raw, 2 * s), m2);
-    }
-  }
-  if constexpr (kd.hi_bits == 1) {  // bit g of each byte -> bit lo_bits of group g's codes
-    const __m512i h = _mm512_loadu_si512(c + kd.lo_bytes()), bit = _mm512_set1_epi8(1 << kd.lo_bits);
-    for (int g = 0; g < 8; ++g) {
-      const __m512i moved = g >= kd.lo_bits ? _mm512_srli_epi16(h, g - kd.lo_bits) : _mm512_slli_epi16(h, kd.lo_bits - g);
-      q[g] = _mm512_or_si512(q[g], _mm512_and_si512(moved, bit));
-    }
-  } else if constexpr (kd.hi_bits == 2) {  // bits 2s, 2s + 1 -> bits 4, 5
-    const __m512i bits = _mm512_set1_epi8(0x30);
-    for (int v = 0; v < 2; ++v) {
-      const __m512i h = _mm512_loadu_si512(c + kd.lo_bytes() + v * 64);
-      const __m512i moved[4] = {_mm512_slli_epi16(h, 4), _mm512_slli_epi16(h, 2), h, _mm512_srli_epi16(h, 2)};
-      for (int s = 0; s < 4; ++s) q[4 * v + s] = _mm512_or_si512(q[4 * v + s], _mm512_and_si512(moved[s], bits));
-    }
-  }
-}
-
-FLASHGEN_AVX512_VNNI inline __m512 int8x16(const uint8_t* p) {
-  return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))));
-}
-FLASHGEN_AVX512_VNNI inline __m512 uint8x16(const uint8_t* p) {
-  return _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))));
-}
-FLASHGEN_AVX512_VNNI inline __m512 halfx16(const uint8_t* p) {
-  return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
-}
-
-// The IQ4 table as unsigned bytes (value + 128) in every 128-bit lane, for vpshufb: its zero is then 128.
-inline constexpr int kLutZero = 128;
-FLASHGEN_AVX512_VNNI inline __m512i iq4_lut() {
-  alignas(64) uint8_t bytes[64];
-  for (int i = 0; i < 64; ++i) bytes[i] = static_cast<uint8_t>(kIq4Values[i % 16] + kLutZero);
-  return _mm512_load_si512(bytes);
-}
-
-// Sub-block j's scales of the tile's 16 rows as int32 (1 where the type has none).
-template <int KI>
-FLASHGEN_AVX512_VNNI inline __m512i sub_scale(const uint8_t* p, int j) {
-  constexpr Kind kd = kKinds[KI];
-  if constexpr (!kd.scales) return _mm512_set1_epi32(1);
-  const __m128i raw = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p + kd.sc_offset() + j * kTileRows));
-  if constexpr (kd.nibble_scales) return _mm512_and_si512(_mm512_cvtepu8_epi32(raw), _mm512_set1_epi32(0xF));
-  return _mm512_cvtepi8_epi32(raw);
-}
-
-// Sub-block j's mins of the tile's 16 rows as floats (1 where the type's min is a float per block).
-template <int KI>
-FLASHGEN_AVX512_VNNI inline __m512 sub_min(const uint8_t* p, int j) {
-  constexpr Kind kd = kKinds[KI];
-  if constexpr (!kd.mn_plane()) return _mm512_set1_ps(1.f);
-  if constexpr (kd.nibble_scales)
-    return _mm512_cvtepi32_ps(_mm512_srli_epi32(
-        _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p + kd.sc_offset() + j * kTileRows))), 4));
-  return uint8x16(p + kd.mn_offset() + j * kTileRows);
-}
-
-// The float work of a super-block, shared by the VNNI and AMX kernels and the AVX2 one's finish_half: with the
-// bracket I = sum_j sc_j (dot_j - zero is_j) exact in int32 and the min term M = sum_j mn_j is_j (exact in float32:
-// |M| < 2^24), acc = fma(d d_a, I, acc) - dmin d_a M.
-template <int KI>
-FLASHGEN_AVX512_VNNI inline __m512 finish512(__m512 acc, __m512i bracket, __m512 d, __m512 dmin, float da, __m512 m) {
-  acc = _mm512_fmadd_ps(_mm512_mul_ps(d, _mm512_set1_ps(da)), _mm512_cvtepi32_ps(bracket), acc);
-  if constexpr (kKinds[KI].mins) acc = _mm512_fnmadd_ps(_mm512_mul_ps(dmin, _mm512_set1_ps(da)), m, acc);
-  return acc;
-}
-
 template <int KI, int R>
 FLASHGEN_AVX512_VNNI void tile_vnni(const QuantActs& x, const uint8_t* w, int64_t sbs, float* out, int64_t ldo) {
   constexpr Kind kd = kKinds[KI];
@@ -205,148 +123,6 @@ FLASHGEN_AVX512_VNNI void tile32_vnni(const QuantActs& x, const uint8_t* w, int6
   }
   for (int c = 0; c < C; ++c)
     for (int r = 0; r < R; ++r) _mm512_storeu_ps(out + r * ldo + c * kTileRows, acc[c][r]);
-}
-
-// ---------------------------------------------------------------- AMX
-// A super-block's bracket I = sum_j sc_j (dot_j(a, q) - zero is_j) in a few tile products over the whole super-
-// block, not one per sub-block: each tile product must be stored to memory to be read, and that store costs as
-// much as the product. The scales are split into digits of `bits` bits, sc = sum_t digit_t 2^(t bits) (the top
-// digit signed), and digit plane t holds (q - zero) times its sub-block's digit t, which fits int8 (AmxDigits);
-// tdpbssd sums a (q - zero) digit_t over the super-block into C_t, and I = sum_t C_t 2^(t bits), exact. The float
-// work on I is then finish512's, so a row's result is the same bits whichever kernel ran it. A call makes its
-// tile's digit planes once, into a buffer of the thread, for all its rows (up to kRowChunk); the thread's tile
-// state is set at each call, as other code (oneDNN) may have set its own.
-// Measured (2048 x 8192, 512 rows, 2 threads, GMAC/s, VNNI -> AMX): Q4_K 268 -> 459, Q6_K 126 -> 311, Q5_K 228 ->
-// 327, Q3_K 121 -> 485, Q2_K 110 -> 472, Q5_0 229 -> 379. A product per sub-block, each stored and scaled as the
-// VNNI kernel does, gave Q4_K 330 and Q6_K 203, and lost to tile32_vnni on Q4_0 / Q4_1, which stay there.
-struct AmxDigits {
-  int bits, count;  // count 0: no AMX kernel
-};
-template <int KI>
-constexpr AmxDigits amx_digits() {
-  constexpr Kind kd = kKinds[KI];
-  if (kd.lut) return {0, 0};  // table values reach 127: no digit but 1 fits (IQ4_XS; IQ4_NL goes to tile32_vnni)
-  if (!kd.scales) return {0, 1};
-  switch (kd.type) {  // |q - zero| x the largest digit <= 127
-    case kQ2_K: return {4, 1};  // 3 x 15, scales 0 .. 15
-    case kQ3_K: return {4, 2};  // 4 x 15, scales -32 .. 31
-    case kQ4_K: return {3, 2};  // 15 x 7, scales 0 .. 63
-    case kQ5_K: return {2, 3};  // 31 x 3, scales 0 .. 63
-    case kQ6_K: return {2, 4};  // 32 x 3, scales -128 .. 127
-    default: return {0, 0};
-  }
-}
-
-struct TileConfig {
-  uint8_t palette = 1, start_row = 0, reserved[14] = {};
-  uint16_t colsb[16] = {};
-  uint8_t rows[16] = {};
-};
-
-// Tiles: 0 the activations (A), 1 a digit plane (B), 2 + t the sums of digit t (C_t). The tile instructions
-// name their tiles in the instruction itself, hence a switch on t (folded away in the unrolled loops over t).
-FLASHGEN_AMX_INT8 inline void sums_zero(int t) {
-  switch (t) {
-    case 0: _tile_zero(2); break;
-    case 1: _tile_zero(3); break;
-    case 2: _tile_zero(4); break;
-    default: _tile_zero(5);
-  }
-}
-FLASHGEN_AMX_INT8 inline void sums_add(int t, const void* plane) {
-  _tile_loadd(1, plane, 64);
-  switch (t) {
-    case 0: _tile_dpbssd(2, 0, 1); break;
-    case 1: _tile_dpbssd(3, 0, 1); break;
-    case 2: _tile_dpbssd(4, 0, 1); break;
-    default: _tile_dpbssd(5, 0, 1);
-  }
-}
-FLASHGEN_AMX_INT8 inline void sums_store(int t, int32_t* c) {
-  switch (t) {
-    case 0: _tile_stored(2, c, 64); break;
-    case 1: _tile_stored(3, c, 64); break;
-    case 2: _tile_stored(4, c, 64); break;
-    default: _tile_stored(5, c, 64);
-  }
-}
-
-// Signed bytes v times one small signed factor per 32-bit lane (held in both of its 16-bit halves); the products
-// fit a byte.
-FLASHGEN_AVX512_VNNI inline __m512i times_digit(__m512i v, __m512i digit) {
-  const __m512i even = _mm512_mullo_epi16(_mm512_srai_epi16(_mm512_slli_epi16(v, 8), 8), digit);
-  const __m512i odd = _mm512_mullo_epi16(_mm512_srai_epi16(v, 8), digit);
-  return _mm512_mask_blend_epi8(__mmask64(0xAAAAAAAAAAAAAAAAull), even, _mm512_slli_epi16(odd, 8));
-}
-
-// Digit t of sub-block j's scales of the tile's 16 rows, in both 16-bit halves of each row's lane.
-template <int KI>
-FLASHGEN_AVX512_VNNI inline __m512i scale_digit(const uint8_t* p, int j, int t) {
-  constexpr AmxDigits dg = amx_digits<KI>();
-  __m512i digit = _mm512_srai_epi32(sub_scale<KI>(p, j), t * dg.bits);
-  if (t + 1 < dg.count) digit = _mm512_and_si512(digit, _mm512_set1_epi32((1 << dg.bits) - 1));
-  return _mm512_or_si512(_mm512_and_si512(digit, _mm512_set1_epi32(0xFFFF)), _mm512_slli_epi32(digit, 16));
-}
-
-template <int KI>
-FLASHGEN_AMX_INT8 void tile_amx(const QuantActs& x, int rows, const uint8_t* w, int64_t sbs, float* out, int64_t ldo) {
-  constexpr Kind kd = kKinds[KI];
-  constexpr AmxDigits dg = amx_digits<KI>();
-  constexpr int nb = kd.super / kBlock, subs = kd.super / kd.sub;
-  constexpr int step = kd.super < 64 ? kd.super : 64;  // features per tile product
-  struct alignas(64) Line {
-    uint8_t bytes[64];
-  };
-  thread_local std::vector<Line> planes;
-  const int64_t lines = sbs * nb * 8;  // per digit plane: 4 features x 16 rows per line
-  if (planes.size() < static_cast<size_t>(lines * dg.count)) planes.resize(lines * dg.count);
-  for (int64_t blk = 0; blk < sbs * nb; ++blk) {
-    const uint8_t* p = w + blk / nb * kd.tile_bytes();
-    __m512i q[8];
-    unpack512<KI>(p + blk % nb * kd.code_bytes(), q);
-    for (int g = 0; g < 8; ++g) {
-      const __m512i v = _mm512_sub_epi8(q[g], _mm512_set1_epi8(static_cast<char>(kd.zero)));
-      const int j = static_cast<int>((blk % nb * kBlock + 4 * g) / kd.sub);
-      for (int t = 0; t < dg.count; ++t)
-        _mm512_store_si512(planes.data() + t * lines + blk * 8 + g, kd.scales ? times_digit(v, scale_digit<KI>(p, j, t)) : v);
-    }
-  }
-  alignas(64) int32_t c[4][kTileRows * kTileRows];
-  __m512 acc[kTileRows];
-  for (int r0 = 0; r0 < rows; r0 += kTileRows) {
-    const int rg = std::min<int>(kTileRows, rows - r0);
-    const QuantActs xr = offset(x, r0);
-    TileConfig cfg;
-    cfg.rows[0] = rg, cfg.colsb[0] = step;
-    cfg.rows[1] = step / 4, cfg.colsb[1] = 64;
-    for (int t = 0; t < dg.count; ++t) cfg.rows[2 + t] = rg, cfg.colsb[2 + t] = 64;
-    _tile_loadconfig(&cfg);
-    for (int r = 0; r < rg; ++r) acc[r] = _mm512_setzero_ps();
-    for (int64_t s = 0; s < sbs; ++s) {
-      for (int t = 0; t < dg.count; ++t) sums_zero(t);
-      for (int u = 0; u < kd.super / step; ++u) {
-        _tile_loadd(0, xr.a + s * kd.super + u * step, xr.a_stride);
-        const int64_t line = (s * nb + u * step / kBlock) * 8;
-        for (int t = 0; t < dg.count; ++t) sums_add(t, planes.data() + t * lines + line);
-      }
-      for (int t = 0; t < dg.count; ++t) sums_store(t, c[t]);
-      const uint8_t* p = w + s * kd.tile_bytes();
-      const __m512 d = halfx16(p + kd.d_offset());
-      const __m512 dmin = kd.mins ? halfx16(p + kd.dmin_offset()) : _mm512_setzero_ps();
-      __m512 mnf[subs];
-      for (int j = 0; j < subs; ++j) mnf[j] = sub_min<KI>(p, j);
-      for (int r = 0; r < rg; ++r) {
-        __m512i bracket = _mm512_load_si512(c[0] + r * kTileRows);
-        for (int t = 1; t < dg.count; ++t)
-          bracket = _mm512_add_epi32(bracket, _mm512_slli_epi32(_mm512_load_si512(c[t] + r * kTileRows), t * dg.bits));
-        __m512 m = _mm512_setzero_ps();
-        if constexpr (kd.mins)
-          for (int j = 0; j < subs; ++j) m = _mm512_fmadd_ps(mnf[j], _mm512_set1_ps(xr.fsum[r * xr.isum_stride + s * subs + j]), m);
-        acc[r] = finish512<KI>(acc[r], bracket, d, dmin, xr.d[r * xr.d_stride + s], m);
-      }
-    }
-    for (int r = 0; r < rg; ++r) _mm512_storeu_ps(out + (r0 + r) * ldo, acc[r]);
-  }
 }
 
 // ---------------------------------------------------------------- AVX2 (each 256-bit half: 8 rows)
@@ -595,11 +371,6 @@ void gemm(const QuantActs& x, int64_t m, const uint8_t* w, int64_t n, int64_t k,
     // time faster for decode.) The sums of each tile are the same either way, so results are too.
     if (vnni) return run_tiles<kVnniRows, kVnniTiles>(x, m, n, k / kBlock, out, tile);
   }
-  if (amx_digits<KI>().count && isa == Isa::kAmx && m >= kAmxMinRows)
-    return run_tiles<kRowChunk, 1>(x, m, n, k / kBlock, out, [&](int64_t t, auto, const QuantActs& xr, int rows,
-                                                                  float* dst, int64_t ldo) {
-      tile_amx<KI>(xr, rows, w + t * stride, sbs, dst, ldo);
-    });
   // Codes with high-bit planes and sub-block scales but no mins (Q3_K, Q6_K): their unpacking costs most and the
   // registers hold 8 rows, so each tile-block serves 8 (4096 x 4096 x 128 rows: Q6_K 18.0 -> 16.3 ms, Q3_K 17.3 ->
   // 16.0; for the other types 8 rows were no faster).
@@ -643,6 +414,7 @@ void linear_rows(const float* x, int64_t m, int64_t k, const at::Tensor& packed,
   });
   acts.isum = is, acts.fsum = fs, acts.isum_stride = subs;
   const Isa isa = use_amx() ? Isa::kAmx : use_vnni() ? Isa::kVnni : Isa::kAvx2;
+  if (isa == Isa::kAmx && m >= kAmxMinRows && amx_gemm(type, acts, m, packed.data_ptr<uint8_t>(), n, k, y)) return;
   with_kind(type, [&](auto KI) { gemm<KI()>(acts, m, packed.data_ptr<uint8_t>(), n, k, y, isa); });
 }
 
