@@ -31,50 +31,63 @@ namespace flashgen::cpu::quant::ggml {
 namespace {
 
 constexpr int kVnniRows = 4, kVnniTiles = 2, kAvx2Rows = 4, kTile4Rows = 5;
+// Up to this many rows (decode), tile_vnni takes two tiles per call: two weight streams per core (2 threads, 1B
+// Q4_K_M decode, 3 alternating rounds: 19.0-21.1 -> 21.7-22.6 tok/s; four tiles per call: 19.5-22.1, against
+// 22.5-24.8 for two in the same run).
+constexpr int kVnniPairRows = 2;
 // Fewer rows go through the VNNI kernels (2 threads, 2048 x 2048, GMAC/s VNNI / AMX: Q4_K 16 rows 207 / 196, 24 rows
 // 215 / 264; Q6_K 108 / 112, 123 / 168).
 constexpr int64_t kAmxMinRows = 24;
 
 // ---------------------------------------------------------------- AVX-512 VNNI
-template <int KI, int R>
-FLASHGEN_AVX512_VNNI void tile_vnni(const QuantActs& x, const uint8_t* w, int64_t sbs, float* out, int64_t ldo) {
+template <int KI, int R, int C>
+FLASHGEN_AVX512_VNNI void tile_vnni(const QuantActs& x, const uint8_t* w, int64_t w_stride, int64_t sbs, float* out,
+                                    int64_t ldo) {
   constexpr Kind kd = kKinds[KI];
   constexpr int nb = kd.super / kBlock, halves = kBlock / kd.sub, gps = kd.sub / 4, subs = kd.super / kd.sub;
   constexpr int zero = kd.lut ? kLutZero : kd.zero;
   const __m512i lut = iq4_lut();
-  __m512 acc[R];
-  for (int r = 0; r < R; ++r) acc[r] = _mm512_setzero_ps();
+  __m512 acc[C][R];
+  for (int c = 0; c < C; ++c)
+    for (int r = 0; r < R; ++r) acc[c][r] = _mm512_setzero_ps();
   for (int64_t s = 0; s < sbs; ++s) {
-    const uint8_t* p = w + s * kd.tile_bytes();
-    __m512i iacc[R];
-    __m512 macc[R];
-    for (int r = 0; r < R; ++r) iacc[r] = _mm512_setzero_si512(), macc[r] = _mm512_setzero_ps();
-    for (int b = 0; b < nb; ++b) {
-      __m512i q[8];
-      unpack512<KI>(p + b * kd.code_bytes(), q);
-      if constexpr (kd.lut)
-        for (int g = 0; g < 8; ++g) q[g] = _mm512_shuffle_epi8(lut, q[g]);
-      const int64_t blk = s * nb + b;
-      for (int h = 0; h < halves; ++h) {
-        const int j = b * halves + h;
-        const __m512i sc = sub_scale<KI>(p, j);
-        const __m512 mnf = sub_min<KI>(p, j);
-        for (int r = 0; r < R; ++r) {
-          const int8_t* a = x.a + r * x.a_stride + blk * kBlock;
-          __m512i id = _mm512_setzero_si512();
-          for (int g = h * gps; g < (h + 1) * gps; ++g) id = _mm512_dpbusd_epi32(id, q[g], _mm512_set1_epi32(load4(a + 4 * g)));
-          const int64_t at = r * x.isum_stride + s * subs + j;
-          if constexpr (zero != 0) id = _mm512_sub_epi32(id, _mm512_set1_epi32(zero * x.isum[at]));
-          iacc[r] = _mm512_add_epi32(iacc[r], kd.scales ? _mm512_mullo_epi32(id, sc) : id);
-          if constexpr (kd.mins) macc[r] = _mm512_fmadd_ps(mnf, _mm512_set1_ps(x.fsum[at]), macc[r]);
+    __m512i iacc[C][R];
+    __m512 macc[C][R];
+    for (int c = 0; c < C; ++c)
+      for (int r = 0; r < R; ++r) iacc[c][r] = _mm512_setzero_si512(), macc[c][r] = _mm512_setzero_ps();
+    for (int b = 0; b < nb; ++b)
+      for (int c = 0; c < C; ++c) {
+        const uint8_t* p = w + c * w_stride + s * kd.tile_bytes();
+        __m512i q[8];
+        unpack512<KI>(p + b * kd.code_bytes(), q);
+        if constexpr (kd.lut)
+          for (int g = 0; g < 8; ++g) q[g] = _mm512_shuffle_epi8(lut, q[g]);
+        const int64_t blk = s * nb + b;
+        for (int h = 0; h < halves; ++h) {
+          const int j = b * halves + h;
+          const __m512i sc = sub_scale<KI>(p, j);
+          const __m512 mnf = sub_min<KI>(p, j);
+          for (int r = 0; r < R; ++r) {
+            const int8_t* a = x.a + r * x.a_stride + blk * kBlock;
+            __m512i id = _mm512_setzero_si512();
+            for (int g = h * gps; g < (h + 1) * gps; ++g) id = _mm512_dpbusd_epi32(id, q[g], _mm512_set1_epi32(load4(a + 4 * g)));
+            const int64_t at = r * x.isum_stride + s * subs + j;
+            if constexpr (zero != 0) id = _mm512_sub_epi32(id, _mm512_set1_epi32(zero * x.isum[at]));
+            iacc[c][r] = _mm512_add_epi32(iacc[c][r], kd.scales ? _mm512_mullo_epi32(id, sc) : id);
+            if constexpr (kd.mins) macc[c][r] = _mm512_fmadd_ps(mnf, _mm512_set1_ps(x.fsum[at]), macc[c][r]);
+          }
         }
       }
+    for (int c = 0; c < C; ++c) {
+      const uint8_t* p = w + c * w_stride + s * kd.tile_bytes();
+      const __m512 d = halfx16(p + kd.d_offset());
+      const __m512 dmin = kd.mins ? halfx16(p + kd.dmin_offset()) : _mm512_setzero_ps();
+      for (int r = 0; r < R; ++r)
+        acc[c][r] = finish512<KI>(acc[c][r], iacc[c][r], d, dmin, x.d[r * x.d_stride + s], macc[c][r]);
     }
-    const __m512 d = halfx16(p + kd.d_offset());
-    const __m512 dmin = kd.mins ? halfx16(p + kd.dmin_offset()) : _mm512_setzero_ps();
-    for (int r = 0; r < R; ++r) acc[r] = finish512<KI>(acc[r], iacc[r], d, dmin, x.d[r * x.d_stride + s], macc[r]);
   }
-  for (int r = 0; r < R; ++r) _mm512_storeu_ps(out + r * ldo, acc[r]);
+  for (int c = 0; c < C; ++c)
+    for (int r = 0; r < R; ++r) _mm512_storeu_ps(out + r * ldo + c * kTileRows, acc[c][r]);
 }
 
 // 4-bit blocks of 32 with one d (Q4_0, Q4_1, IQ4_NL): tile_vnni's sums, but shaped as int4's kernel: C tiles side
@@ -383,9 +396,11 @@ void gemm(const QuantActs& x, int64_t m, const uint8_t* w, int64_t n, int64_t k,
   // The other kinds: 4 rows per pass, Q6_K's two code planes 5 (one core, 1024 x 2048 in cache, against 4: 5 rows
   // 46 -> 54-56 GMAC/s, 64 rows +2-12%, 16 rows +1-3%; 6 rows no better than 5).
   constexpr int avx2_rows = kd.hi_bits == 2 ? kAvx2Rows + 1 : kAvx2Rows;
-  if (vnni)
-    run_tiles<vnni_rows, 1>(x, m, n, k / kBlock, out, [&](int64_t t, auto, const QuantActs& xr, auto R, float* dst,
-                                                          int64_t ldo) { tile_vnni<KI, R()>(xr, w + t * stride, sbs, dst, ldo); });
+  auto vnni_tile = [&](int64_t t, auto NT, const QuantActs& xr, auto R, float* dst, int64_t ldo) {
+    tile_vnni<KI, R(), NT()>(xr, w + t * stride, stride, sbs, dst, ldo);
+  };
+  if (vnni && m <= kVnniPairRows) run_tiles<kVnniPairRows, 2>(x, m, n, k / kBlock, out, vnni_tile);
+  else if (vnni) run_tiles<vnni_rows, 1>(x, m, n, k / kBlock, out, vnni_tile);
   else if constexpr (avx2_tile4)
     run_tiles<kTile4Rows, 1>(x, m, n, k / kBlock, out, [&](int64_t t, auto, const QuantActs& xr, auto R, float* dst,
                                                             int64_t ldo) { tile4_avx2<KI, R()>(xr, w + t * stride, sbs, dst, ldo); });
