@@ -101,7 +101,7 @@ template <int KI>
 FLASHGEN_AMX_INT8 void tile_amx(const QuantActs& x, int rows, const uint8_t* w, int64_t sbs, float* out, int64_t ldo) {
   constexpr Kind kd = kKinds[KI];
   constexpr AmxDigits dg = amx_digits<KI>();
-  constexpr int nb = kd.super / kBlock, subs = kd.super / kd.sub;
+  constexpr int nb = kd.super / kBlock, halves = kBlock / kd.sub, gps = kd.sub / 4, subs = kd.super / kd.sub;
   constexpr int step = kd.super < 64 ? kd.super : 64;  // features per tile product
   struct alignas(64) Line {
     uint8_t bytes[64];
@@ -113,23 +113,31 @@ FLASHGEN_AMX_INT8 void tile_amx(const QuantActs& x, int rows, const uint8_t* w, 
     const uint8_t* p = w + blk / nb * kd.tile_bytes();
     __m512i q[8];
     unpack512<KI>(p + blk % nb * kd.code_bytes(), q);
-    for (int g = 0; g < 8; ++g) {
-      const __m512i v = _mm512_sub_epi8(q[g], _mm512_set1_epi8(static_cast<char>(kd.zero)));
-      const int j = static_cast<int>((blk % nb * kBlock + 4 * g) / kd.sub);
-      for (int t = 0; t < dg.count; ++t)
-        _mm512_store_si512(planes.data() + t * lines + blk * 8 + g, kd.scales ? times_digit(v, scale_digit<KI>(p, j, t)) : v);
+    for (int h = 0; h < halves; ++h) {  // the groups of sub-block j
+      const int j = static_cast<int>(blk % nb * halves + h);
+      __m512i digit[4];
+      for (int t = 0; t < dg.count; ++t) digit[t] = kd.scales ? scale_digit<KI>(p, j, t) : _mm512_setzero_si512();
+      for (int g = h * gps; g < (h + 1) * gps; ++g) {
+        const __m512i v = _mm512_sub_epi8(q[g], _mm512_set1_epi8(static_cast<char>(kd.zero)));
+        for (int t = 0; t < dg.count; ++t)
+          _mm512_store_si512(planes.data() + t * lines + blk * 8 + g, kd.scales ? times_digit(v, digit[t]) : v);
+      }
     }
   }
   alignas(64) int32_t c[4][kTileRows * kTileRows];
   __m512 acc[kTileRows];
+  int configured = 0;  // activation rows of the loaded tile configuration (loading one costs ~10% of a call)
   for (int r0 = 0; r0 < rows; r0 += kTileRows) {
     const int rg = std::min<int>(kTileRows, rows - r0);
     const QuantActs xr = offset(x, r0);
-    TileConfig cfg;
-    cfg.rows[0] = rg, cfg.colsb[0] = step;
-    cfg.rows[1] = step / 4, cfg.colsb[1] = 64;
-    for (int t = 0; t < dg.count; ++t) cfg.rows[2 + t] = rg, cfg.colsb[2 + t] = 64;
-    _tile_loadconfig(&cfg);
+    if (rg != configured) {
+      TileConfig cfg;
+      cfg.rows[0] = rg, cfg.colsb[0] = step;
+      cfg.rows[1] = step / 4, cfg.colsb[1] = 64;
+      for (int t = 0; t < dg.count; ++t) cfg.rows[2 + t] = rg, cfg.colsb[2 + t] = 64;
+      _tile_loadconfig(&cfg);
+      configured = rg;
+    }
     for (int r = 0; r < rg; ++r) acc[r] = _mm512_setzero_ps();
     for (int64_t s = 0; s < sbs; ++s) {
       for (int t = 0; t < dg.count; ++t) sums_zero(t);
