@@ -26,8 +26,9 @@ namespace {
 // tile's digit planes once, into a buffer of the thread, for all its rows (up to kRowChunk); the thread's tile
 // state is set at each call, as other code (oneDNN) may have set its own.
 // Measured (2048 x 8192, 512 rows, 2 threads, GMAC/s, VNNI -> AMX): Q4_K 268 -> 459, Q6_K 126 -> 311, Q5_K 228 ->
-// 327, Q3_K 121 -> 485, Q2_K 110 -> 472, Q5_0 229 -> 379. A product per sub-block, each stored and scaled as the
-// VNNI kernel does, gave Q4_K 330 and Q6_K 203, and lost to tile32_vnni on Q4_0 / Q4_1, which stay there.
+// 327, Q3_K 121 -> 485, Q2_K 110 -> 472, Q5_0 229 -> 379, Q5_1 215 -> 290, Q4_0 306 -> 332 (1536 x 576: 175 -> 204);
+// Q4_1 lost (327 -> 297, 1536 x 576: 177 -> 167) and stays on tile32_vnni. A product per sub-block, each stored and
+// scaled as the VNNI kernel did then, gave Q4_K 330 and Q6_K 203.
 struct AmxDigits {
   int bits, count;  // count 0: no AMX kernel
 };
@@ -35,6 +36,7 @@ template <int KI>
 constexpr AmxDigits amx_digits() {
   constexpr Kind kd = kKinds[KI];
   if (kd.lut) return {0, 0};  // table values reach 127: no digit but 1 fits (IQ4_XS; IQ4_NL goes to tile32_vnni)
+  if (kd.type == kQ4_1) return {0, 0};  // slower than tile32_vnni (measured above)
   if (!kd.scales) return {0, 1};
   switch (kd.type) {  // |q - zero| x the largest digit <= 127
     case kQ2_K: return {4, 1};  // 3 x 15, scales 0 .. 15

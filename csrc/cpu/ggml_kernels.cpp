@@ -15,8 +15,8 @@
 // - VNNI: vpdpbusd per sub-block, scaled with vpmulld. A tile-block's codes are unpacked once per call into 8
 //   vectors of 4 features x 16 rows and serve the call's R rows. 4-bit blocks of 32 (Q4_0, Q4_1, IQ4_NL) go
 //   through tile32_vnni, shaped as int4's kernel.
-// - AMX (prompts: at least kAmxMinRows rows): tile products over whole super-blocks, the scales split into digits
-//   (ggml_amx.cpp).
+// - AMX (prompts: at least kAmxMinRows rows; every type but Q4_1, IQ4_NL and IQ4_XS): tile products over whole
+//   super-blocks, the scales split into digits (ggml_amx.cpp).
 // GCC 12 warns inside its own avx512fintrin.h (intrinsics that start from a deliberately undefined vector); the
 // warning is attributed to the header, so it is silenced first.
 #pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
