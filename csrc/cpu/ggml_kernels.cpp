@@ -369,13 +369,10 @@ void tile4_avx2(const QuantActs& x, const uint8_t* w, int64_t sbs, float* out, i
 
 }  // namespace
 
-enum class Isa { kAvx2, kVnni, kAmx };
-
 template <int KI>
-void gemm(const QuantActs& x, int64_t m, const uint8_t* w, int64_t n, int64_t k, float* out, Isa isa) {
+void gemm(const QuantActs& x, int64_t m, const uint8_t* w, int64_t n, int64_t k, float* out, bool vnni) {
   constexpr Kind kd = kKinds[KI];
   const int64_t sbs = k / kd.super, stride = sbs * kd.tile_bytes();
-  const bool vnni = isa != Isa::kAvx2;
   if constexpr (kd.super == kBlock && kd.lo_bits == 4 && kd.hi_bits == 0 && !kd.scales) {
     auto tile = [&](int64_t t, auto NT, const QuantActs& xr, auto R, float* dst, int64_t ldo) {
       tile32_vnni<KI, R(), NT()>(xr, w + t * stride, stride, sbs, dst, ldo);
@@ -431,9 +428,8 @@ void linear_rows(const float* x, int64_t m, int64_t k, const at::Tensor& packed,
       }
   });
   acts.isum = is, acts.fsum = fs, acts.isum_stride = subs;
-  const Isa isa = use_amx() ? Isa::kAmx : use_vnni() ? Isa::kVnni : Isa::kAvx2;
-  if (isa == Isa::kAmx && m >= kAmxMinRows && amx_gemm(type, acts, m, packed.data_ptr<uint8_t>(), n, k, y)) return;
-  with_kind(type, [&](auto KI) { gemm<KI()>(acts, m, packed.data_ptr<uint8_t>(), n, k, y, isa); });
+  if (m >= kAmxMinRows && use_amx() && amx_gemm(type, acts, m, packed.data_ptr<uint8_t>(), n, k, y)) return;
+  with_kind(type, [&](auto KI) { gemm<KI()>(acts, m, packed.data_ptr<uint8_t>(), n, k, y, use_vnni()); });
 }
 
 }  // namespace flashgen::cpu::quant::ggml
