@@ -121,28 +121,34 @@ void check_lengths(const char* op, const std::vector<CacheSeq>& seqs, const at::
   }
 }
 
+// Writes the new keys (or values) of sequence s for kv head h that fall at cache positions [from, to).
 template <typename T>
-void append(const at::Tensor& cache, const at::Tensor& src, const std::vector<CacheSeq>& seqs) {
-  const int64_t kv_heads = src.size(1), d = src.size(2);
-  const T* sp = src.data_ptr<T>();
-  const int64_t n = int64_t(seqs.size()), rows_per_seq = src.size(0) / std::max<int64_t>(n, 1);
-  const CacheView<T> view(cache);
-  // A decode step appends one row per head: too little to wake a thread for.
-  at::parallel_for(0, n * kv_heads, std::max<int64_t>(1, (int64_t{1} << 14) / (rows_per_seq * d + 1)),
-                   [&](int64_t begin, int64_t end) {
+void write_new(const CacheView<T>& view, const T* src, int64_t kv_heads, int64_t d, const CacheSeq& s, int64_t h,
+               int64_t from, int64_t to) {
+  const Rows<T> dst = view.rows(s.table, s.index, h);
+  for (int64_t t = std::max(from, s.cached); t < std::min(to, s.cached + s.n_new); ++t) {
+    const T* row = src + ((s.new_start + t - s.cached) * kv_heads + h) * d;
+    T* at = const_cast<T*>(dst.row(t));
+    if (dst.col_stride == 1) {
+      std::copy_n(row, d, at);
+    } else {
+      for (int64_t c = 0; c < d; ++c) at[c * dst.col_stride] = row[c];
+    }
+  }
+}
+
+// Every new key and value of the sequences `which` selects, (sequence, kv head) pairs shared out to the threads.
+template <typename T, typename Which>
+void append(const at::Tensor& k_cache, const at::Tensor& v_cache, const at::Tensor& k, const at::Tensor& v,
+            const std::vector<CacheSeq>& seqs, Which&& which) {
+  const int64_t kv_heads = k.size(1), d = k.size(2), n = int64_t(seqs.size());
+  const CacheView<T> kc(k_cache), vc(v_cache);
+  at::parallel_for(0, n * kv_heads, 1, [&](int64_t begin, int64_t end) {
     for (int64_t i = begin; i < end; ++i) {
       const CacheSeq& s = seqs[i / kv_heads];
-      const int64_t h = i % kv_heads;
-      const Rows<T> dst = view.rows(s.table, s.index, h);
-      for (int64_t t = 0; t < s.n_new; ++t) {
-        const T* row = sp + ((s.new_start + t) * kv_heads + h) * d;
-        T* to = const_cast<T*>(dst.row(s.cached + t));
-        if (dst.col_stride == 1) {
-          std::copy_n(row, d, to);
-        } else {
-          for (int64_t c = 0; c < d; ++c) to[c * dst.col_stride] = row[c];
-        }
-      }
+      if (!which(s)) continue;
+      write_new(kc, k.data_ptr<T>(), kv_heads, d, s, i % kv_heads, s.cached, s.len);
+      write_new(vc, v.data_ptr<T>(), kv_heads, d, s, i % kv_heads, s.cached, s.len);
     }
   });
 }
@@ -201,11 +207,16 @@ void attend_cache(const at::Tensor& q, const at::Tensor& k_cache, const at::Tens
 
   dispatch_float(q.scalar_type(), "flash_attn_kvcache", [&](auto zero) {
     using T = decltype(zero);
-    if (k.defined()) {
-      append<T>(k_cache, k, seqs);
-      append<T>(v_cache, v, seqs);
-    }
+    // The new keys and values of a sequence of one row group (a decode step's) are written by the tasks that
+    // read them, each those of its key range and kv heads, just before: the writes are shared out with the
+    // tasks, and the lines they fill are read back from cache. Keys lie key-major on the CPU, so writing one
+    // key fills d lines, each a DRAM miss: done up front on one thread, the writes of a 16-sequence decode step
+    // of the default model took 6% of its time while the other thread waited. Longer chunks are written first.
+    auto in_task = [&](const CacheSeq& s) { return s.sq >= 1 && s.sq * group <= kBlockQ; };
+    if (k.defined() && !std::all_of(seqs.begin(), seqs.end(), in_task))
+      append<T>(k_cache, v_cache, k, v, seqs, [&](const CacheSeq& s) { return !in_task(s); });
     const T* qp = q.data_ptr<T>();
+    const T *kp = k.defined() ? k.data_ptr<T>() : nullptr, *vp = v.defined() ? v.data_ptr<T>() : nullptr;
     const CacheView<T> kc(k_cache), vc(v_cache);
     const Simd& isa = simd();
     // A task over a few key blocks is shorter than waking a second thread (short-context decode): give each
@@ -227,6 +238,12 @@ void attend_cache(const at::Tensor& q, const at::Tensor& k_cache, const at::Tens
         const int rows = int(std::min<int64_t>(kBlockQ, rows_total - r0));
         for (int r = 0; r < rows; ++r) pos[r] = (r0 + r) / group + sq.len - sq.sq;
         auto part = [&](int64_t h) { return part_base[b] + (h * sq.splits + split) * rows_total + r0; };
+        const int64_t k_end = std::min(sq.len, (split + 1) * sq.chunk);
+        if (kp && in_task(sq))
+          for (int64_t h = h0; h < h1; ++h) {
+            write_new(kc, kp, kv_heads, d, sq, h, split * sq.chunk, k_end);
+            write_new(vc, vp, kv_heads, d, sq, h, split * sq.chunk, k_end);
+          }
         for (int64_t h = h0; h < h1; ++h) {
           for (int r = 0; r < rows; ++r) {
             const int64_t i = (r0 + r) / group, head = h * group + (r0 + r) % group;
@@ -237,7 +254,6 @@ void attend_cache(const at::Tensor& q, const at::Tensor& k_cache, const at::Tens
           std::fill(pm.data() + part(h), pm.data() + part(h) + rows, kNegInf);
           std::fill(pl.data() + part(h), pl.data() + part(h) + rows, 0.f);
         }
-        const int64_t k_end = std::min(sq.len, (split + 1) * sq.chunk);
         for (int64_t k0 = split * sq.chunk; k0 < k_end; k0 += kBlockK)
           for (int64_t h = h0; h < h1; ++h)
             attend(isa, opt, rows, qf.get() + h * kBlockQ * ld, ld, d, pos.data(), sq.len,
