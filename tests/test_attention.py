@@ -332,7 +332,9 @@ def test_avx2_path_in_a_subprocess():
     code = (
         "import sys, torch; sys.path.insert(0, %r); import test_attention as t\n"
         "t.test_dense_forward_backward(t.DENSE_CASES[3]); t.test_dense_forward_backward(t.DENSE_CASES[13])\n"
-        "t.test_kvcache(t.DECODE_CASES[4]); print('ok')\n" % os.path.dirname(__file__)
+        "t.test_kvcache(t.DECODE_CASES[4])\n"
+        "import test_attention_varlen_kvcache as v; [v.test_matches_reference(c) for c in v.CASES[-2:]]\n"
+        "print('ok')\n" % os.path.dirname(__file__)
     )
     res = subprocess.run([sys.executable, "-c", code], env={**os.environ, "FLASHGEN_NO_AVX512": "1"},
                          capture_output=True, text=True, timeout=300)

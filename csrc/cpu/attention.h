@@ -33,6 +33,12 @@ struct Simd {
   // be a transposed view) and B, C row-major with leading dimensions ldb, ldc.
   void (*gemm)(int m, int n, int kk, const float* a, int64_t a_row, int64_t a_col, const float* b, int64_t ldb,
                float* c, int64_t ldc, bool accumulate);
+  // gemm over B in float16 / bfloat16 (a 16-bit KV cache read in place), each value converted as it is loaded:
+  // the bits of gemm over B converted to float32 first
+  void (*gemm_f16)(int m, int n, int kk, const float* a, int64_t a_row, int64_t a_col, const at::Half* b,
+                   int64_t ldb, float* c, int64_t ldc, bool accumulate);
+  void (*gemm_bf16)(int m, int n, int kk, const float* a, int64_t a_row, int64_t a_col, const at::BFloat16* b,
+                    int64_t ldb, float* c, int64_t ldc, bool accumulate);
   float (*row_max)(const float* x, int n);
   // x = exp(x - shift) in place (exp(-inf) = 0); returns the sum of the new x.
   float (*exp_sum)(float* x, int n, float shift);
@@ -42,6 +48,15 @@ struct Simd {
   void (*silu)(const float* g, const float* up, float* out, int64_t n);
   // out = sigmoid(g) = 1 / (1 + exp(-g)) over any n.
   void (*sigmoid)(const float* g, float* out, int64_t n);
+
+  // gemm, gemm_f16 or gemm_bf16, by B's element type
+  template <typename T>
+  void product(int m, int n, int kk, const float* a, int64_t a_row, int64_t a_col, const T* b, int64_t ldb, float* c,
+               int64_t ldc, bool accumulate) const {
+    if constexpr (std::is_same_v<T, float>) gemm(m, n, kk, a, a_row, a_col, b, ldb, c, ldc, accumulate);
+    else if constexpr (std::is_same_v<T, at::Half>) gemm_f16(m, n, kk, a, a_row, a_col, b, ldb, c, ldc, accumulate);
+    else gemm_bf16(m, n, kk, a, a_row, a_col, b, ldb, c, ldc, accumulate);
+  }
 };
 const Simd& simd();  // AVX-512 when the CPU has it, AVX2 otherwise
 
@@ -153,10 +168,12 @@ void load_cols(const Rows<T>& src, int64_t t0, int n, int d, float* dst) {
 }
 
 // S (rows x kBlockK) = scores of qf (rows x ldq, already scaled by softmax_scale) against the keys
-// k0 .. k0 + nk - 1 held transposed in kt (d x ldk, its first round_up(nk, kVec) columns read): softcapped, and
+// k0 .. k0 + nk - 1 held transposed in kt (d x ldk, its first round_up(nk, kVec) columns read; float32, or a
+// 16-bit cache's page read in place): softcapped, and
 // -inf outside each row's key range (row_pos[r] is row r's key position, sk the sequence's number of keys). If
 // tanh_grad is given it receives 1 - tanh^2 of the softcap (for the backward).
-void scores(const Simd& isa, const Options& opt, int rows, const float* qf, int ldq, const float* kt, int64_t ldk,
+template <typename K>
+void scores(const Simd& isa, const Options& opt, int rows, const float* qf, int ldq, const K* kt, int64_t ldk,
             int d, int64_t k0, int nk, const int64_t* row_pos, int64_t sk, float* s, float* tanh_grad = nullptr);
 
 // Online softmax of `rows` query rows (qf: rows x ldq, scaled) over keys [k_begin, k_end) of one sequence

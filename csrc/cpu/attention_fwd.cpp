@@ -18,18 +18,19 @@ void attend(const Simd& isa, const Options& opt, int rows, const float* qf, int 
             int64_t sk, const Rows<T>& k, const Rows<T>& v, int64_t k_begin, int64_t k_end, float* kt, float* vf,
             float* s, float* o, float* m, float* l) {
   const auto [kb, ke] = key_span(opt, rows, row_pos, sk, k_begin, k_end);
+  // A 16-bit cache read in place is converted at every read of it: only where the products read it once (up to
+  // 4 rows, a decode step's GQA group); more rows convert it once into the scratch tiles.
+  const bool in_place = std::is_same_v<T, float> || rows <= 4;
   for (int64_t k0 = kb; k0 < ke; k0 += kBlockK) {
     const int nk = int(std::min<int64_t>(kBlockK, ke - k0)), cols = int(round_up(nk, kVec));
-    // float keys stored key-major in a page that holds the block's cols columns: read in place, already
-    // transposed (the columns past nk are the page's other keys, which the mask overwrites)
-    const float* keys = kt;
-    int64_t ldk = kBlockK;
-    if constexpr (std::is_same_v<T, float>) {
-      if (k.tok_stride == 1 && k.col_stride != 1 && k.table && k0 % k.block_size + cols <= k.block_size)
-        keys = k.row(k0), ldk = k.col_stride;
+    // keys stored key-major in a page that holds the block's cols columns: read in place, already transposed
+    // (the columns past nk are the page's other keys, which the mask overwrites)
+    if (in_place && k.tok_stride == 1 && k.col_stride != 1 && k.table && k0 % k.block_size + cols <= k.block_size) {
+      scores(isa, opt, rows, qf, ldq, k.row(k0), k.col_stride, d, k0, nk, row_pos, sk, s);
+    } else {
+      load_cols(k, k0, nk, d, kt);
+      scores(isa, opt, rows, qf, ldq, kt, kBlockK, d, k0, nk, row_pos, sk, s);
     }
-    if (keys == kt) load_cols(k, k0, nk, d, kt);
-    scores(isa, opt, rows, qf, ldq, keys, ldk, d, k0, nk, row_pos, sk, s);
     for (int r = 0; r < rows; ++r) {
       float* sr = s + int64_t(r) * kBlockK;
       const float m_new = std::max(m[r], isa.row_max(sr, cols));
@@ -43,15 +44,13 @@ void attend(const Simd& isa, const Options& opt, int rows, const float* qf, int 
       if (alpha != 1.f)
         for (float *x = o + int64_t(r) * ldq, *e = x + ldq; x < e; ++x) *x *= alpha;
     }
-    // float rows of exactly ldq values, evenly strided (no page boundary breaks the stride): read in place
-    const float* vb = vf;
-    int64_t ldv = ldq;
-    if constexpr (std::is_same_v<T, float>) {
-      if (d == ldq && v.evenly_strided(k0, nk))
-        vb = v.row(k0), ldv = v.tok_stride;
+    // rows of exactly ldq values, evenly strided (no page boundary breaks the stride): read in place
+    if (in_place && d == ldq && v.evenly_strided(k0, nk)) {
+      isa.product(rows, ldq, nk, s, kBlockK, 1, v.row(k0), v.tok_stride, o, ldq, true);
+      continue;
     }
-    if (vb == vf) load_rows(v, k0, nk, d, ldq, vf);
-    isa.gemm(rows, ldq, nk, s, kBlockK, 1, vb, ldv, o, ldq, true);
+    load_rows(v, k0, nk, d, ldq, vf);
+    isa.gemm(rows, ldq, nk, s, kBlockK, 1, vf, ldq, o, ldq, true);
   }
 }
 

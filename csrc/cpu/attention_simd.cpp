@@ -23,15 +23,26 @@ constexpr float kExpPoly[6] = {1.9875691500e-4f, 1.3981999507e-3f, 8.3334519073e
 constexpr float kExpLo = -87.f, kExpHi = 88.f;
 
 // ---------------------------------------------------------------- AVX-512
-template <int R, int NV>
-FLASHGEN_AVX512 inline void tile512(int kk, const float* a, int64_t ar, int64_t ac, const float* b, int64_t ldb,
+// 16 values of B at p as float32: a 16-bit KV cache is read in place, each value converted exactly as it is
+// loaded, so a product over it has the bits of the same product over the values converted first.
+FLASHGEN_AVX512 inline __m512 load16_float(const float* p) { return _mm512_loadu_ps(p); }
+FLASHGEN_AVX512 inline __m512 load16_float(const at::Half* p) {
+  return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+}
+FLASHGEN_AVX512 inline __m512 load16_float(const at::BFloat16* p) {
+  const __m512i bits = _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+  return _mm512_castsi512_ps(_mm512_slli_epi32(bits, 16));
+}
+
+template <int R, int NV, typename T>
+FLASHGEN_AVX512 inline void tile512(int kk, const float* a, int64_t ar, int64_t ac, const T* b, int64_t ldb,
                                     float* c, int64_t ldc, bool acc) {
   __m512 x[R][NV];
   for (int r = 0; r < R; ++r)
     for (int v = 0; v < NV; ++v) x[r][v] = acc ? _mm512_loadu_ps(c + r * ldc + 16 * v) : _mm512_setzero_ps();
   for (int p = 0; p < kk; ++p) {
     __m512 bv[NV];
-    for (int v = 0; v < NV; ++v) bv[v] = _mm512_loadu_ps(b + p * ldb + 16 * v);
+    for (int v = 0; v < NV; ++v) bv[v] = load16_float(b + p * ldb + 16 * v);
     for (int r = 0; r < R; ++r) {
       const __m512 av = _mm512_set1_ps(a[r * ar + p * ac]);
       for (int v = 0; v < NV; ++v) x[r][v] = _mm512_fmadd_ps(av, bv[v], x[r][v]);
@@ -41,8 +52,8 @@ FLASHGEN_AVX512 inline void tile512(int kk, const float* a, int64_t ar, int64_t 
     for (int v = 0; v < NV; ++v) _mm512_storeu_ps(c + r * ldc + 16 * v, x[r][v]);
 }
 
-template <int R>
-FLASHGEN_AVX512 inline void rows512(int nv, int kk, const float* a, int64_t ar, int64_t ac, const float* b,
+template <int R, typename T>
+FLASHGEN_AVX512 inline void rows512(int nv, int kk, const float* a, int64_t ar, int64_t ac, const T* b,
                                     int64_t ldb, float* c, int64_t ldc, bool acc) {
   switch (nv) {
     case 4: tile512<R, 4>(kk, a, ar, ac, b, ldb, c, ldc, acc); break;
@@ -52,7 +63,8 @@ FLASHGEN_AVX512 inline void rows512(int nv, int kk, const float* a, int64_t ar, 
   }
 }
 
-FLASHGEN_AVX512 void gemm512(int m, int n, int kk, const float* a, int64_t ar, int64_t ac, const float* b,
+template <typename T>
+FLASHGEN_AVX512 void gemm512(int m, int n, int kk, const float* a, int64_t ar, int64_t ac, const T* b,
                              int64_t ldb, float* c, int64_t ldc, bool acc) {
   for (int j = 0; j < n; j += 64) {
     const int nv = std::min(4, (n - j) / 16);
@@ -146,14 +158,14 @@ FLASHGEN_AVX512 void sigmoid512(const float* g, float* out, int64_t n) {
 }
 
 // ---------------------------------------------------------------- AVX2 (the build baseline)
-template <int R>
-inline void tile256(int kk, const float* a, int64_t ar, int64_t ac, const float* b, int64_t ldb, float* c,
+template <int R, typename T>
+inline void tile256(int kk, const float* a, int64_t ar, int64_t ac, const T* b, int64_t ldb, float* c,
                     int64_t ldc, bool acc) {
   __m256 x[R][2];
   for (int r = 0; r < R; ++r)
     for (int v = 0; v < 2; ++v) x[r][v] = acc ? _mm256_loadu_ps(c + r * ldc + 8 * v) : _mm256_setzero_ps();
   for (int p = 0; p < kk; ++p) {
-    const __m256 b0 = _mm256_loadu_ps(b + p * ldb), b1 = _mm256_loadu_ps(b + p * ldb + 8);
+    const __m256 b0 = load8_float(b + p * ldb), b1 = load8_float(b + p * ldb + 8);
     for (int r = 0; r < R; ++r) {
       const __m256 av = _mm256_broadcast_ss(a + r * ar + p * ac);
       x[r][0] = _mm256_fmadd_ps(av, b0, x[r][0]);
@@ -165,27 +177,29 @@ inline void tile256(int kk, const float* a, int64_t ar, int64_t ac, const float*
 }
 
 // One row of C against V vectors (8 V <= 64 columns) of B: each p reads V * 32 bytes of B in address order.
-template <int V>
-inline void row256(int kk, const float* a, int64_t ac, const float* b, int64_t ldb, float* c, bool acc) {
+template <int V, typename T>
+inline void row256(int kk, const float* a, int64_t ac, const T* b, int64_t ldb, float* c, bool acc) {
   __m256 x[V];
   for (int v = 0; v < V; ++v) x[v] = acc ? _mm256_loadu_ps(c + 8 * v) : _mm256_setzero_ps();
   for (int p = 0; p < kk; ++p) {
     const __m256 av = _mm256_broadcast_ss(a + p * ac);
-    for (int v = 0; v < V; ++v) x[v] = _mm256_fmadd_ps(av, _mm256_loadu_ps(b + p * ldb + 8 * v), x[v]);
+    for (int v = 0; v < V; ++v) x[v] = _mm256_fmadd_ps(av, load8_float(b + p * ldb + 8 * v), x[v]);
   }
   for (int v = 0; v < V; ++v) _mm256_storeu_ps(c + 8 * v, x[v]);
 }
 
-inline void row256(int vecs, int kk, const float* a, int64_t ac, const float* b, int64_t ldb, float* c, bool acc) {
+template <typename T>
+inline void row256(int vecs, int kk, const float* a, int64_t ac, const T* b, int64_t ldb, float* c, bool acc) {
   switch (vecs) {
-    case 8: row256<8>(kk, a, ac, b, ldb, c, acc); break;
-    case 6: row256<6>(kk, a, ac, b, ldb, c, acc); break;
-    case 4: row256<4>(kk, a, ac, b, ldb, c, acc); break;
-    default: row256<2>(kk, a, ac, b, ldb, c, acc); break;
+    case 8: row256<8, T>(kk, a, ac, b, ldb, c, acc); break;
+    case 6: row256<6, T>(kk, a, ac, b, ldb, c, acc); break;
+    case 4: row256<4, T>(kk, a, ac, b, ldb, c, acc); break;
+    default: row256<2, T>(kk, a, ac, b, ldb, c, acc); break;
   }
 }
 
-void gemm256(int m, int n, int kk, const float* a, int64_t ar, int64_t ac, const float* b, int64_t ldb, float* c,
+template <typename T>
+void gemm256(int m, int n, int kk, const float* a, int64_t ar, int64_t ac, const T* b, int64_t ldb, float* c,
              int64_t ldc, bool acc) {
   // Up to 4 rows (a decode step's GQA group) go one at a time against 64 columns, and so do the rows left over
   // past the 4-row tiles: 8 sums in flight hide the FMA latency, and B is read row by row in address order (as
@@ -195,7 +209,7 @@ void gemm256(int m, int n, int kk, const float* a, int64_t ar, int64_t ac, const
   // over p, whatever the tiling.
   const int full = m <= 4 ? 0 : m / 4 * 4;
   for (int j = 0; j < n; j += 16)
-    for (int i = 0; i < full; i += 4) tile256<4>(kk, a + i * ar, ar, ac, b + j, ldb, c + i * ldc + j, ldc, acc);
+    for (int i = 0; i < full; i += 4) tile256<4, T>(kk, a + i * ar, ar, ac, b + j, ldb, c + i * ldc + j, ldc, acc);
   for (int i = full; i < m; ++i)
     for (int j = 0; j < n; j += 64)
       row256(std::min(n - j, 64) / 8, kk, a + i * ar, ac, b + j, ldb, c + i * ldc + j, acc);
@@ -289,18 +303,21 @@ void sigmoid256(const float* g, float* out, int64_t n) {
 }  // namespace
 
 const Simd& simd() {
-  static const Simd avx512{gemm512, row_max512, exp_sum512, transpose16_512, silu512, sigmoid512},
-      avx2{gemm256, row_max256, exp_sum256, transpose16_256, silu256, sigmoid256};
+  static const Simd avx512{gemm512<float>, gemm512<at::Half>, gemm512<at::BFloat16>, row_max512, exp_sum512,
+                           transpose16_512, silu512, sigmoid512},
+      avx2{gemm256<float>, gemm256<at::Half>, gemm256<at::BFloat16>, row_max256, exp_sum256, transpose16_256,
+           silu256, sigmoid256};
   // FLASHGEN_NO_AVX512=1 forces the AVX2 path (so tests on an AVX-512 machine cover both).
   static const bool use_avx512 = has_avx512() && !std::getenv("FLASHGEN_NO_AVX512");
   return use_avx512 ? avx512 : avx2;
 }
 
-void scores(const Simd& isa, const Options& opt, int rows, const float* qf, int ldq, const float* kt, int64_t ldk,
+template <typename K>
+void scores(const Simd& isa, const Options& opt, int rows, const float* qf, int ldq, const K* kt, int64_t ldk,
             int d, int64_t k0, int nk, const int64_t* row_pos, int64_t sk, float* s, float* tanh_grad) {
   // a sequence's last key block is partial (a decode step's often holds a few keys): its columns past the
   // last kVec of keys are left to the mask
-  isa.gemm(rows, int(round_up(nk, kVec)), d, qf, ldq, 1, kt, ldk, s, kBlockK, false);
+  isa.product(rows, int(round_up(nk, kVec)), d, qf, ldq, 1, kt, ldk, s, kBlockK, false);
   if (opt.softcap > 0) {
     const float inv = 1.f / opt.softcap;
     for (int i = 0; i < rows * kBlockK; ++i) {
@@ -317,6 +334,12 @@ void scores(const Simd& isa, const Options& opt, int rows, const float* qf, int 
     std::fill(sr + last, sr + kBlockK, kNegInf);
   }
 }
+template void scores(const Simd&, const Options&, int, const float*, int, const float*, int64_t, int, int64_t, int,
+                     const int64_t*, int64_t, float*, float*);
+template void scores(const Simd&, const Options&, int, const float*, int, const at::Half*, int64_t, int, int64_t,
+                     int, const int64_t*, int64_t, float*, float*);
+template void scores(const Simd&, const Options&, int, const float*, int, const at::BFloat16*, int64_t, int, int64_t,
+                     int, const int64_t*, int64_t, float*, float*);
 
 std::vector<Seq> sequences(const at::Tensor& q, const at::Tensor& k, const std::optional<at::Tensor>& cu_q,
                            const std::optional<at::Tensor>& cu_k) {
