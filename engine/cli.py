@@ -49,7 +49,7 @@ def _add_model_options(p):
     p.add_argument("--quant", choices=["int8", "int4"], help="quantize float weights on load")
     p.add_argument("--max-seq-len", type=_positive_int, help="KV cache length (default: the loader's)")
     p.add_argument("--kv-cache-dtype", choices=["float32", "bfloat16", "float16"],
-                   help="KV cache dtype (default: --dtype's); 16-bit halves the cache")
+                   help="KV cache dtype (default: float16 under a float32 model, else --dtype's)")
     p.add_argument("--threads", "-t", type=_positive_int, help="CPU threads (default: torch's)")
     p.add_argument("--no-cuda-graphs", dest="cuda_graphs", action="store_false",
                    help="on a GPU, launch every decode kernel eagerly instead of replaying CUDA graphs")

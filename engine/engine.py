@@ -51,15 +51,16 @@ class Engine:
     """model: a Transformer (engine/model.py) with its cache set up (max_seq_len: the context per sequence).
     KV memory: num_blocks blocks, or kv_cache_memory GiB, or by default enough for max_num_seqs full-length
     sequences within DEFAULT_KV_SHARE of the available memory. cuda_graphs (default: on a CUDA device): decode
-    steps replay CUDA graphs (engine/cuda_graphs.py; off a GPU the same static-buffer step runs uncaptured)."""
+    steps replay CUDA graphs (engine/cuda_graphs.py; off a GPU the same static-buffer step runs uncaptured).
+    kv_cache_dtype: of the cache blocks (default: the model's cache's)."""
 
     def __init__(self, model, tokenizer, eos_token_ids=(), device="cpu", max_num_seqs=16,
                  max_num_batched_tokens=512, kv_cache_memory=None, num_blocks=None, prefix_caching=True,
-                 cuda_graphs=None):
+                 cuda_graphs=None, kv_cache_dtype=None):
         self.model, self.tokenizer, self.device = model, tokenizer, torch.device(device)
         self.eos_token_ids = set(eos_token_ids)
         c, cache = model.config, model.cache
-        self.max_seq_len, dtype, block_size = cache.max_seq_len, cache.dtype, cache.block_size
+        self.max_seq_len, dtype, block_size = cache.max_seq_len, kv_cache_dtype or cache.dtype, cache.block_size
         per_block = KVCache.bytes_per_block(c.num_layers, c.num_kv_heads, c.head_dim, dtype, block_size)
         per_seq = blocks_for(self.max_seq_len, block_size)
         if num_blocks is None:

@@ -249,10 +249,11 @@ def test_greedy_equals_transformers(tiny_models, arch):  # noqa: F811
 
 @torch.inference_mode()
 def test_16_bit_kv_cache_stays_close_to_float32(tiny_models):  # noqa: F811
-    """kv_cache_dtype halves the cache of a float32 model; the logits move by the 16-bit rounding of q, k, v only,
-    and a new batch's cache keeps the dtype."""
+    """A 16-bit cache (float16 by default) halves the cache of a float32 model; the logits move by the 16-bit
+    rounding of q, k, v only, and a new batch's cache keeps the dtype."""
     path = tiny_models["llama"]
-    ref = LLM(path, device="cpu", max_seq_len=64)
+    assert LLM(path, device="cpu", max_seq_len=64).model.cache.k.dtype == torch.float16
+    ref = LLM(path, device="cpu", max_seq_len=64, kv_cache_dtype="float32")
     ids = torch.tensor([ref.tokenizer.encode("The quick brown fox jumps over the lazy dog.")])
     want = ref.model.prefill(ids, torch.tensor([ids.shape[1]]))
     for kv_dtype in ("bfloat16", "float16"):
