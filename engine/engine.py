@@ -182,7 +182,10 @@ class Engine:
                  if s.params.greedy and not s.params.penalized and s.params.logprobs is None and s.constraint is None]
         if plain:
             rows = logits if len(plain) == len(seqs) else logits[plain]
-            for i, t in zip(plain, rows.argmax(-1).tolist()):
+            # numpy's argmax (the first maximum, as torch's) runs 5x faster than torch's on the CPU: 16 rows of
+            # 49152 logits 0.10 against 0.52 ms, which was 3-5% of a 16-sequence decode step of the default model
+            best = rows.numpy().argmax(-1) if rows.is_cpu else rows.argmax(-1)
+            for i, t in zip(plain, best.tolist()):
                 tokens[i] = t
         others = set(range(len(seqs))) - set(plain)
         for i in sorted(others):
