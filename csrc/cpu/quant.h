@@ -60,7 +60,8 @@ QuantActs quantize_acts_into(const float* x, int64_t m, int64_t k, int64_t block
 // out (M, N) float32 = activations x packed weights, by the AVX-512 VNNI kernel or the AVX2 one; S, the type of
 // the scales and offsets, is float or at::Half (instantiated in quant_kernels.cpp).
 // blocks_per_group: int4 g/32. int8: scale_blocks is the Kb of the packed scales (1 = per channel), and
-// whole_row says the activation scale is one per row (W8A8): the kernel then accumulates the whole row in int32.
+// whole_row says the activation scale is one per row (W8A8): the kernel then accumulates the whole row in int32;
+// with vnni, x's codes hold a + 128 (each byte's sign bit flipped), the unsigned operand of VNNI's products.
 template <class S>
 void int4_gemm(const QuantActs& x, int64_t m, const uint8_t* w, const S* scales, const S* offsets, int64_t n,
                int64_t kb, int64_t blocks_per_group, float* out, bool vnni);

@@ -241,11 +241,14 @@ void int8_linear_rows(const float* x, int64_t m, int64_t k, const at::Tensor& qw
   const int64_t kb = blocks(k), sblocks = scales.size(1);
   const bool whole_row = dynamic && sblocks == 1 && k <= kMaxWholeRowK;
   const int64_t d_cols = whole_row ? 1 : kb;
-  const QuantActs acts = quantize_acts_into(x, m, k, kBlock, d_cols, dynamic, 0, scratch.a(m, k),
-                                            scratch.d(m * d_cols), nullptr);
+  int8_t* a = scratch.a(m, k);
+  const QuantActs acts = quantize_acts_into(x, m, k, kBlock, d_cols, dynamic, 0, a, scratch.d(m * d_cols), nullptr);
+  const bool vnni = use_vnni();
+  if (vnni)  // the unsigned operand of VNNI's products: a + 128, made once here, not in the kernel's inner loop
+    for (int64_t i = 0; i < m * kb * kBlock; ++i) a[i] = int8_t(uint8_t(a[i]) ^ 0x80u);
   with_scale_type(scales, [&](auto type) {
     using S = decltype(type);
-    int8_gemm(acts, m, qweight.data_ptr<int8_t>(), scales.data_ptr<S>(), sblocks, n, kb, whole_row, y, use_vnni());
+    int8_gemm(acts, m, qweight.data_ptr<int8_t>(), scales.data_ptr<S>(), sblocks, n, kb, whole_row, y, vnni);
   });
 }
 
