@@ -85,6 +85,14 @@ def test_matches_reference(case):
     for g, k_ in zip(got, km):
         assert torch.equal(g, k_)
     torch.testing.assert_close(kc_km.double(), kc_ref, rtol=0, atol=0, equal_nan=True)
+    # q, k, v as column ranges of one (tokens, qkv) buffer, as the C++ decoder step passes them: read in place
+    packed = torch.cat([t.flatten(1) for t in (q, k, v)], 1)
+    parts = packed.split([h * d, hkv * d, hkv * d], 1)
+    strided = OP(parts[0].unflatten(1, (h, d)), kc.clone(), vc.clone(), parts[1].unflatten(1, (hkv, d)),
+                 parts[2].unflatten(1, (hkv, d)), cu, lens, table, *opts)
+    assert parts[0].unflatten(1, (h, d)).stride(0) == packed.shape[1]
+    for g, st in zip(got, strided):
+        assert torch.equal(g, st)
 
 
 def _step(q, kc, vc, k, v, new, cached, table, window=(-1, -1)):

@@ -121,13 +121,14 @@ void check_lengths(const char* op, const std::vector<CacheSeq>& seqs, const at::
   }
 }
 
-// Writes the new keys (or values) of sequence s for kv head h that fall at cache positions [from, to).
+// Writes the new keys (or values) of sequence s for kv head h that fall at cache positions [from, to); src's
+// tokens lie src_row elements apart.
 template <typename T>
-void write_new(const CacheView<T>& view, const T* src, int64_t kv_heads, int64_t d, const CacheSeq& s, int64_t h,
+void write_new(const CacheView<T>& view, const T* src, int64_t src_row, int64_t d, const CacheSeq& s, int64_t h,
                int64_t from, int64_t to) {
   const Rows<T> dst = view.rows(s.table, s.index, h);
   for (int64_t t = std::max(from, s.cached); t < std::min(to, s.cached + s.n_new); ++t) {
-    const T* row = src + ((s.new_start + t - s.cached) * kv_heads + h) * d;
+    const T* row = src + (s.new_start + t - s.cached) * src_row + h * d;
     T* at = const_cast<T*>(dst.row(t));
     if (dst.col_stride == 1) {
       std::copy_n(row, d, at);
@@ -147,8 +148,8 @@ void append(const at::Tensor& k_cache, const at::Tensor& v_cache, const at::Tens
     for (int64_t i = begin; i < end; ++i) {
       const CacheSeq& s = seqs[i / kv_heads];
       if (!which(s)) continue;
-      write_new(kc, k.data_ptr<T>(), kv_heads, d, s, i % kv_heads, s.cached, s.len);
-      write_new(vc, v.data_ptr<T>(), kv_heads, d, s, i % kv_heads, s.cached, s.len);
+      write_new(kc, k.data_ptr<T>(), k.stride(0), d, s, i % kv_heads, s.cached, s.len);
+      write_new(vc, v.data_ptr<T>(), v.stride(0), d, s, i % kv_heads, s.cached, s.len);
     }
   });
 }
@@ -241,13 +242,13 @@ void attend_cache(const at::Tensor& q, const at::Tensor& k_cache, const at::Tens
         const int64_t k_end = std::min(sq.len, (split + 1) * sq.chunk);
         if (kp && in_task(sq))
           for (int64_t h = h0; h < h1; ++h) {
-            write_new(kc, kp, kv_heads, d, sq, h, split * sq.chunk, k_end);
-            write_new(vc, vp, kv_heads, d, sq, h, split * sq.chunk, k_end);
+            write_new(kc, kp, k.stride(0), d, sq, h, split * sq.chunk, k_end);
+            write_new(vc, vp, v.stride(0), d, sq, h, split * sq.chunk, k_end);
           }
         for (int64_t h = h0; h < h1; ++h) {
           for (int r = 0; r < rows; ++r) {
             const int64_t i = (r0 + r) / group, head = h * group + (r0 + r) % group;
-            load_rows(Rows<T>{qp + ((sq.q_start + i) * heads + head) * d, 0}, 0, 1, d, ld,
+            load_rows(Rows<T>{qp + (sq.q_start + i) * q.stride(0) + head * d, 0}, 0, 1, d, ld,
                       qf.get() + (h * kBlockQ + r) * ld, opt.scale);
           }
           std::fill(po.data() + part(h) * ld, po.data() + (part(h) + rows) * ld, 0.f);
@@ -295,6 +296,12 @@ int64_t pick_splits(int64_t num_splits, int64_t tasks, int64_t max_len) {
   const int64_t by_threads = (4 * at::get_num_threads() + tasks - 1) / std::max<int64_t>(tasks, 1);
   const int64_t want = num_splits > 0 ? num_splits : by_threads;
   return std::clamp<int64_t>(want, 1, std::max<int64_t>(1, (max_len + 4 * kBlockK - 1) / (4 * kBlockK)));
+}
+
+// Packed (tokens, heads, d) q, k or v as the kernel reads them: each token's heads dense, the tokens at any stride
+// (the decoder step's q, k, v are column ranges of one (tokens, qkv) buffer), else a contiguous copy.
+at::Tensor dense_rows(const at::Tensor& t) {
+  return t.stride(2) == 1 && t.stride(1) == t.size(2) ? t : t.contiguous();
 }
 
 const int32_t* table_row(const at::Tensor& table, int64_t b) {
@@ -351,7 +358,7 @@ std::tuple<at::Tensor, at::Tensor> flash_attn_varlen_kvcache(
               cu_seqlens_q.sizes());
   const int64_t batch = cu_seqlens_q.size(0) - 1, total = q_in.size(0);
   check_inputs(op, q_in, k_cache, v_cache, k, v, cache_seqlens, block_table, true, batch);
-  const at::Tensor q = q_in.contiguous(), table = block_table.contiguous(), cu = cu_seqlens_q.contiguous();
+  const at::Tensor q = dense_rows(q_in), table = block_table.contiguous(), cu = cu_seqlens_q.contiguous();
   const at::Tensor seqlens = cache_seqlens.contiguous();
   const int32_t *cp = cu.data_ptr<int32_t>(), *lp = seqlens.data_ptr<int32_t>();
   TORCH_CHECK(cp[0] == 0, op, ": cu_seqlens_q[0] must be 0, got ", cp[0]);
@@ -367,9 +374,9 @@ std::tuple<at::Tensor, at::Tensor> flash_attn_varlen_kvcache(
   }
   check_lengths(op, seqs, k_cache, table.size(1));
   // Tokens after the last sequence (cu_seqlens_q[-1] < total) attend nothing: out 0, lse -inf.
-  at::Tensor out = at::zeros_like(q);
+  at::Tensor out = at::zeros(q.sizes(), q.options());  // contiguous, whatever q's token stride
   at::Tensor lse = at::full({q.size(1), total}, kNegInf, q.options().dtype(at::kFloat));
-  attend_cache(q, k_cache, v_cache, k ? k->contiguous() : at::Tensor(), v ? v->contiguous() : at::Tensor(), seqs,
+  attend_cache(q, k_cache, v_cache, k ? dense_rows(*k) : at::Tensor(), v ? dense_rows(*v) : at::Tensor(), seqs,
                total, Options(softmax_scale, causal, window_left, window_right, softcap), out, lse);
   return {out, lse};
 }
